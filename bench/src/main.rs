@@ -1,0 +1,136 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use bench::baseline::BaselineConfig;
+use bench::compare::CompareArgs;
+use bench::driver::{Load, measure};
+use bench::report::{json_path, machine, render_table, write_json};
+use bench::scenario::{ScenarioArgs, Target, prepare};
+use bench::worker_only::WorkerOnlyArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    about = "Load driver, synchronous baseline and measurements for the wallet (see BENCHMARKS.md)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Drive a running gateway (or baseline) with a scenario and report.
+    Run(RunArgs),
+    /// Serve the synchronous baseline: one PostgreSQL transaction with FOR UPDATE per request.
+    BaselineServer(BaselineConfig),
+    /// Start the system and the baseline, run the same scenario against both, print the ratio.
+    Compare(Box<CompareArgs>),
+    /// Publish ready-made commands with the gateway off, then time the workers applying them.
+    WorkerOnly(WorkerOnlyArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    scenario: ScenarioArgs,
+
+    /// Base URL of the gateway (or of a baseline server).
+    #[arg(long, env = "BENCH_TARGET", default_value = "http://127.0.0.1:8080")]
+    target: String,
+
+    /// The target's database, needed by --setup sql and --treasury-lag.
+    #[arg(long, env = "BENCH_DATABASE_URL")]
+    database_url: Option<String>,
+
+    /// The target's JWT secret, needed by --setup sql to mint tokens.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+
+    /// After the load, poll the target's `hot_credits` until it is empty and report how long
+    /// that took (the real system; the baseline folds nothing).
+    #[arg(long, requires = "database_url")]
+    treasury_lag: bool,
+
+    /// Name of the target in the table (default: its URL).
+    #[arg(long)]
+    label: Option<String>,
+
+    /// Where the JSON goes (default bench-results/<scenario>-<timestamp>.json).
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    shared::telemetry::init("text");
+    match cli.command {
+        BenchCommand::Run(args) => run(args).await,
+        BenchCommand::BaselineServer(config) => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(shared::shutdown::on_signal(shutdown.clone()));
+            bench::baseline::run(config, shutdown).await
+        }
+        BenchCommand::Compare(args) => bench::compare::run(*args).await.map(drop),
+        BenchCommand::WorkerOnly(args) => bench::worker_only::run(args).await.map(drop),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let target = Target {
+        label: args.label.clone().unwrap_or_else(|| args.target.clone()),
+        base_url: args.target.trim_end_matches('/').to_string(),
+        database_url: args.database_url.clone(),
+        jwt_secret: args.jwt_secret.clone(),
+    };
+    let scenario = &args.scenario;
+    println!(
+        "bench run: {} against {} ({} players, setup {:?})",
+        scenario.scenario.name(),
+        target.base_url,
+        scenario.players(),
+        scenario.setup_method()
+    );
+    let prepared = Arc::new(prepare(&target, scenario).await?);
+    println!("setup took {:.1} s", prepared.setup_s);
+    let report = measure(&target, scenario, prepared, Load::from_args(scenario)?).await?;
+    let treasury_lag = match args.database_url.as_ref().filter(|_| args.treasury_lag) {
+        Some(url) => {
+            let pool = bench::compare::connect(url).await?;
+            let lag = bench::compare::treasury_lag(&pool).await;
+            pool.close().await;
+            Some(lag?)
+        }
+        None => None,
+    };
+    println!();
+    println!("{}", render_table(&[&report]));
+    if let Some(lag) = &treasury_lag {
+        match lag.drained_ms {
+            Some(ms) => println!(
+                "treasury lag: {} credits unfolded when the load stopped, all folded {ms:.1} ms later",
+                lag.credits_at_stop
+            ),
+            None => println!(
+                "treasury lag: {} credits unfolded when the load stopped, NOT all folded in time",
+                lag.credits_at_stop
+            ),
+        }
+    }
+    let path = json_path(args.json_out.as_deref(), scenario.scenario.name());
+    write_json(
+        &path,
+        &serde_json::json!({
+            "kind": "run",
+            "machine": machine(),
+            "report": report,
+            "treasury_lag": treasury_lag,
+        }),
+    )?;
+    println!("JSON written to {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! The wire format between the gateway, the workers and the treasury. JSON, versioned: a
+//! message with an unknown version is poison and goes to the dead-letter queue.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The only command envelope version this build understands.
+pub const COMMAND_VERSION: u32 = 1;
+
+/// A command as published to a partition queue.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommandEnvelope {
+    /// Envelope version; see [`COMMAND_VERSION`].
+    pub v: u32,
+    /// Derived from (principal, idempotency key); the unit of deduplication.
+    pub id: Uuid,
+    /// Who sent it: `player:<uuid>`, `signup:<username>`, `system` (follow-ups) or `key:<id>`.
+    pub principal: String,
+    /// Keyed hash of the request; the same id with another fingerprint is refused.
+    pub fingerprint: String,
+    /// The HTTP request id, carried through for logs.
+    #[serde(default)]
+    pub request_id: Option<String>,
+    pub command: Command,
+}
+
+/// The commands a worker applies. The player named first decides the partition.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Creates a player; pays the referral bonus to the new player when a code is given, and owes
+    /// the referrer's share as a follow-up command in the referrer's partition.
+    Signup {
+        user_id: Uuid,
+        username: String,
+        password_hash: String,
+        referral_code: String,
+        referred_by_code: Option<String>,
+        referral_bonus: i64,
+    },
+    /// Treasury pays the player `amount` GEMS.
+    TopUp { player_id: Uuid, amount: i64 },
+    /// A game backend grants the player a bonus of `amount` GEMS from the treasury.
+    GrantBonus {
+        player_id: Uuid,
+        amount: i64,
+        reason: String,
+    },
+    /// Player pays price × quantity GEMS to the treasury and receives quantity of the item.
+    Purchase {
+        player_id: Uuid,
+        item: String,
+        quantity: i64,
+    },
+    /// The giver gives `amount` of `asset` to the receiver: applied in the giver's partition
+    /// (to transit), delivered by a `GiftDelivery` follow-up in the receiver's partition.
+    Gift {
+        giver_id: Uuid,
+        receiver_id: Uuid,
+        asset: String,
+        amount: i64,
+    },
+    /// Follow-up of a gift: transit pays the receiver.
+    GiftDelivery {
+        gift_id: Uuid,
+        giver_id: Uuid,
+        receiver_id: Uuid,
+        asset: String,
+        amount: i64,
+    },
+    /// Reverses a journal entry of one player (top-up, bonus, purchase, referral share),
+    /// refused when the player no longer holds what it would take back.
+    Reverse { player_id: Uuid, journal_id: Uuid },
+    /// Follow-up of a signup with a referral code: the treasury pays the referrer.
+    ReferrerBonus {
+        referrer_id: Uuid,
+        referee_id: Uuid,
+        amount: i64,
+    },
+}
+
+impl Command {
+    /// The player whose partition applies this command.
+    pub fn partition_player(&self) -> Uuid {
+        match self {
+            Command::Signup { user_id, .. } => *user_id,
+            Command::TopUp { player_id, .. }
+            | Command::GrantBonus { player_id, .. }
+            | Command::Purchase { player_id, .. } => *player_id,
+            Command::ReferrerBonus { referrer_id, .. } => *referrer_id,
+            Command::Gift { giver_id, .. } => *giver_id,
+            Command::GiftDelivery { receiver_id, .. } => *receiver_id,
+            Command::Reverse { player_id, .. } => *player_id,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Signup { .. } => "signup",
+            Command::TopUp { .. } => "top_up",
+            Command::GrantBonus { .. } => "bonus",
+            Command::Purchase { .. } => "purchase",
+            Command::ReferrerBonus { .. } => "referrer_bonus",
+            Command::Gift { .. } => "gift",
+            Command::GiftDelivery { .. } => "gift_delivery",
+            Command::Reverse { .. } => "reversal",
+        }
+    }
+}
+
+/// The worker's answer to one command, sent to the gateway's reply queue.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommandReply {
+    pub command_id: Uuid,
+    /// The HTTP status the client gets.
+    pub status: u16,
+    /// The HTTP body the client gets.
+    pub body: serde_json::Value,
+    /// True when this is the stored result of an earlier delivery of the same command.
+    pub replay: bool,
+}
+
+/// A nudge to the treasury consumer: these hot credits are committed and can be folded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TreasuryMessage {
+    pub v: u32,
+    pub credit_ids: Vec<i64>,
+}
+
+/// Decodes a command envelope, telling apart bytes that are not a command at all from a
+/// command of a version this build does not know.
+pub fn decode_command(bytes: &[u8]) -> Result<CommandEnvelope, String> {
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        v: u32,
+    }
+    let version: VersionOnly =
+        serde_json::from_slice(bytes).map_err(|error| format!("undecodable message: {error}"))?;
+    if version.v != COMMAND_VERSION {
+        return Err(format!("unknown command version {}", version.v));
+    }
+    serde_json::from_slice(bytes).map_err(|error| format!("undecodable command: {error}"))
+}

@@ -1,0 +1,11 @@
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = treasury::TreasuryConfig::parse();
+    shared::telemetry::init(&config.common.log_format);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shared::shutdown::on_signal(shutdown.clone()));
+    treasury::run(config, shutdown).await
+}

@@ -1,0 +1,492 @@
+//! The partition consumer: collects a bounded batch, applies it, publishes what it owes and
+//! acknowledges it with one multiple-ack.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, message::Delivery};
+use shared::backoff::Backoff;
+use shared::broker::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, Topology};
+use shared::db::is_transient;
+use shared::domain::error_body;
+use shared::wire::{CommandEnvelope, CommandReply, TreasuryMessage, decode_command};
+use sqlx::PgPool;
+use sqlx::types::Json;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{ApplyContext, BatchResult, OutboxMessage, apply_batch};
+
+/// How often a single command is retried on a data error before it is dead-lettered.
+const SINGLE_COMMAND_ATTEMPTS_MAX: u32 = 3;
+/// How many unpublished follow-ups one sweep republishes at most.
+const OUTBOX_SWEEP_BATCH_MAX: i64 = 1_000;
+/// Persistent delivery: the broker writes the message to disk before confirming it.
+const DELIVERY_MODE_PERSISTENT: u8 = 2;
+
+pub(crate) struct PartitionConsumer {
+    pub pool: PgPool,
+    pub channel: Channel,
+    pub topology: Topology,
+    pub partition: u16,
+    pub batch_size_max: usize,
+    pub batch_wait: Duration,
+    pub retry_backoff_max_ms: u64,
+    pub consumer_tag: String,
+    pub context: ApplyContext,
+}
+
+/// What became of one decoded command.
+enum Outcome {
+    Reply(CommandReply),
+    /// Failed on every attempt with a data error: dead-lettered with this reason.
+    Failed(String),
+}
+
+impl PartitionConsumer {
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let prefetch = u16::try_from(self.batch_size_max.saturating_mul(2)).unwrap_or(u16::MAX);
+        // Prefetch two batches: one being applied, the next already on its way.
+        self.channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await
+            .context("setting prefetch")?;
+        // Publisher confirms on this channel: follow-ups and dead letters are confirmed by the
+        // broker before the command that owes them is acknowledged.
+        self.channel
+            .confirm_select(ConfirmSelectOptions { nowait: false })
+            .await
+            .context("enabling publisher confirms")?;
+        let queue = self.topology.partition_queue(self.partition);
+        let mut consumer = self
+            .channel
+            .basic_consume(
+                queue.as_str().into(),
+                self.consumer_tag.as_str().into(),
+                // Manual acknowledgement (no_ack false): a command is acknowledged only after
+                // its batch committed and everything it owes was published. Not exclusive: the
+                // queue's single-active-consumer setting decides who is active.
+                BasicConsumeOptions {
+                    no_local: false,
+                    no_ack: false,
+                    exclusive: false,
+                    nowait: false,
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("consuming {queue}"))?;
+        tracing::info!(partition = self.partition, consumer = %self.consumer_tag, "consuming partition");
+
+        loop {
+            let first = tokio::select! {
+                () = stop.cancelled() => break,
+                next = consumer.next() => next,
+            };
+            let first = match first {
+                Some(delivery) => delivery.context("receiving a delivery")?,
+                None => anyhow::bail!("the consumer of {queue} was cancelled by the broker"),
+            };
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + self.batch_wait;
+            while batch.len() < self.batch_size_max {
+                match tokio::time::timeout_at(deadline, consumer.next()).await {
+                    Ok(Some(delivery)) => batch.push(delivery.context("receiving a delivery")?),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            if !self.process(batch, &stop).await? {
+                // Stopped while the database was unavailable: the batch stays unacknowledged
+                // and is redelivered to whichever consumer takes the partition next.
+                break;
+            }
+        }
+        drop(
+            self.channel
+                .basic_cancel(
+                    self.consumer_tag.as_str().into(),
+                    BasicCancelOptions { nowait: false },
+                )
+                .await,
+        );
+        // Closing the channel hands every unacknowledged delivery back to the queue.
+        drop(self.channel.close(200, "partition released".into()).await);
+        tracing::info!(partition = self.partition, "released partition");
+        Ok(())
+    }
+
+    /// Applies one batch and settles it. Ok(false) when stopped before it could be applied.
+    async fn process(
+        &self,
+        batch: Vec<Delivery>,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        let started = std::time::Instant::now();
+        let mut decoded: Vec<(usize, CommandEnvelope)> = Vec::with_capacity(batch.len());
+        let mut poison: Vec<(usize, String)> = Vec::new();
+        for (index, delivery) in batch.iter().enumerate() {
+            match decode_command(&delivery.data) {
+                Ok(envelope) => decoded.push((index, envelope)),
+                Err(reason) => poison.push((index, reason)),
+            }
+        }
+        let envelopes: Vec<CommandEnvelope> = decoded
+            .iter()
+            .map(|(_, envelope)| envelope.clone())
+            .collect();
+        let mut results = Vec::new();
+        let Some(outcomes) = self.apply_resilient(&envelopes, stop, &mut results).await else {
+            return Ok(false);
+        };
+
+        let mut confirms = Vec::new();
+        let mut published_outbox = Vec::new();
+        for result in &results {
+            for message in &result.outbox {
+                confirms.push(self.publish_follow_up(message).await?);
+                published_outbox.push(message.id);
+            }
+            if !result.hot_credit_ids.is_empty() {
+                confirms.push(self.publish_treasury_nudge(&result.hot_credit_ids).await?);
+            }
+        }
+        for (index, reason) in &poison {
+            confirms.push(self.dead_letter(&batch[*index], reason).await?);
+            self.reply(&batch[*index], &poison_reply(reason)).await?;
+        }
+        for ((index, envelope), outcome) in decoded.iter().zip(&outcomes) {
+            match outcome {
+                Outcome::Reply(reply) => {
+                    // The request id travels in the envelope, so one id follows a command from
+                    // the HTTP request to here (LOG_FORMAT=json makes these fields searchable).
+                    tracing::debug!(
+                        partition = self.partition,
+                        command_id = %envelope.id,
+                        request_id = envelope.request_id.as_deref().unwrap_or_default(),
+                        kind = envelope.command.kind(),
+                        status = reply.status,
+                        replay = reply.replay,
+                        "command settled"
+                    );
+                    self.reply(&batch[*index], reply).await?;
+                }
+                Outcome::Failed(reason) => {
+                    tracing::error!(
+                        command_id = %envelope.id,
+                        request_id = envelope.request_id.as_deref().unwrap_or_default(),
+                        %reason,
+                        "command dead-lettered"
+                    );
+                    confirms.push(self.dead_letter(&batch[*index], reason).await?);
+                    let reply = CommandReply {
+                        command_id: envelope.id,
+                        status: 500,
+                        body: error_body(
+                            "command_failed",
+                            "the command could not be applied and was set aside for an operator",
+                            envelope.request_id.as_deref(),
+                        ),
+                        replay: false,
+                    };
+                    self.reply(&batch[*index], &reply).await?;
+                }
+            }
+        }
+        for confirm in confirms {
+            let confirmation = confirm.await.context("waiting for a publisher confirm")?;
+            anyhow::ensure!(confirmation.is_ack(), "the broker refused a publish");
+        }
+        if !published_outbox.is_empty()
+            && let Err(error) =
+                sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+                    .bind(&published_outbox)
+                    .execute(&self.pool)
+                    .await
+        {
+            // Harmless: the sweep republishes them and follow-ups are idempotent.
+            tracing::warn!(%error, "could not mark follow-ups published");
+        }
+        if let Some(last) = batch.last() {
+            // One acknowledgement for the whole batch: every delivery up to this tag is done.
+            self.channel
+                .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+                .await
+                .context("acknowledging a batch")?;
+        }
+        let applied: usize = results.iter().map(|result| result.applied).sum();
+        let rejected: usize = results.iter().map(|result| result.rejected).sum();
+        let replayed: usize = results.iter().map(|result| result.replayed).sum();
+        let failed = outcomes
+            .iter()
+            .filter(|outcome| matches!(outcome, Outcome::Failed(_)))
+            .count()
+            + poison.len();
+        for (outcome, count) in [
+            ("applied", applied),
+            ("rejected", rejected),
+            ("replayed", replayed),
+            ("dead_lettered", failed),
+        ] {
+            metrics::counter!("wallet_commands_total", "outcome" => outcome)
+                .increment(count as u64);
+        }
+        metrics::histogram!("wallet_batch_size").record(batch.len() as f64);
+        metrics::histogram!("wallet_batch_seconds").record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            partition = self.partition,
+            size = batch.len(),
+            applied,
+            rejected,
+            replayed,
+            "batch settled"
+        );
+        Ok(true)
+    }
+
+    /// Applies the envelopes, retrying transient failures with backoff (keeping order) and
+    /// splitting the batch on data errors so one bad command never takes its neighbours with it.
+    /// None when stopped while waiting for the database.
+    async fn apply_resilient(
+        &self,
+        envelopes: &[CommandEnvelope],
+        stop: &CancellationToken,
+        results: &mut Vec<BatchResult>,
+    ) -> Option<Vec<Outcome>> {
+        if envelopes.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut backoff = Backoff::new(self.retry_backoff_max_ms);
+        let mut data_errors = 0;
+        loop {
+            match self.apply_once(envelopes).await {
+                Ok(result) => {
+                    let outcomes = result.replies.iter().cloned().map(Outcome::Reply).collect();
+                    results.push(result);
+                    return Some(outcomes);
+                }
+                Err(error) if is_transient(&error) => {
+                    tracing::warn!(partition = self.partition, %error, "database unavailable; partition paused");
+                    if !backoff.sleep(stop).await {
+                        return None;
+                    }
+                }
+                Err(error) if envelopes.len() > 1 => {
+                    tracing::warn!(partition = self.partition, %error, size = envelopes.len(), "batch failed; retrying in halves");
+                    let (left, right) = envelopes.split_at(envelopes.len() / 2);
+                    let mut outcomes = Box::pin(self.apply_resilient(left, stop, results)).await?;
+                    outcomes.extend(Box::pin(self.apply_resilient(right, stop, results)).await?);
+                    return Some(outcomes);
+                }
+                Err(error) => {
+                    // A conflict with a concurrent apply of the same command resolves on retry
+                    // (the stored result is found); anything still failing is poison.
+                    data_errors += 1;
+                    if data_errors >= SINGLE_COMMAND_ATTEMPTS_MAX {
+                        return Some(vec![Outcome::Failed(format!(
+                            "database refused the command: {error}"
+                        ))]);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply_once(&self, envelopes: &[CommandEnvelope]) -> Result<BatchResult, sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        let result = apply_batch(&mut transaction, envelopes, &self.context).await?;
+        transaction.commit().await?;
+        Ok(result)
+    }
+
+    async fn publish_follow_up(
+        &self,
+        message: &OutboxMessage,
+    ) -> anyhow::Result<lapin::PublisherConfirm> {
+        publish_follow_up(&self.channel, &self.topology, message).await
+    }
+
+    async fn publish_treasury_nudge(
+        &self,
+        credit_ids: &[i64],
+    ) -> anyhow::Result<lapin::PublisherConfirm> {
+        let payload = serde_json::to_vec(&TreasuryMessage {
+            v: 1,
+            credit_ids: credit_ids.to_vec(),
+        })?;
+        self.channel
+            .basic_publish(
+                "".into(),
+                self.topology.treasury_queue().as_str().into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default()
+                    .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
+                    .with_content_type("application/json".into()),
+            )
+            .await
+            .context("publishing to the treasury")
+    }
+
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> anyhow::Result<lapin::PublisherConfirm> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            ShortString::from(DEAD_LETTER_REASON_HEADER),
+            AMQPValue::LongString(LongString::from(reason.to_string())),
+        );
+        headers.insert(
+            ShortString::from(DEAD_LETTER_SOURCE_HEADER),
+            AMQPValue::LongString(LongString::from(delivery.routing_key.to_string())),
+        );
+        self.channel
+            .basic_publish(
+                "".into(),
+                self.topology.dead_letter_queue().as_str().into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                delivery
+                    .properties
+                    .clone()
+                    .with_headers(headers)
+                    .with_delivery_mode(DELIVERY_MODE_PERSISTENT),
+            )
+            .await
+            .context("publishing a dead letter")
+    }
+
+    /// Answers the gateway waiting on this delivery, if any. Replies are not persisted: a
+    /// gateway that is gone finds the result by polling the command's status instead.
+    async fn reply(&self, delivery: &Delivery, reply: &CommandReply) -> anyhow::Result<()> {
+        let Some(reply_to) = delivery.properties.reply_to() else {
+            return Ok(());
+        };
+        let mut properties =
+            BasicProperties::default().with_content_type("application/json".into());
+        if let Some(correlation_id) = delivery.properties.correlation_id() {
+            properties = properties.with_correlation_id(correlation_id.clone());
+        }
+        let payload = serde_json::to_vec(reply)?;
+        // The confirm of a reply is not awaited: nothing is lost if a reply is dropped.
+        drop(
+            self.channel
+                .basic_publish(
+                    "".into(),
+                    reply_to.clone(),
+                    BasicPublishOptions::default(),
+                    &payload,
+                    properties,
+                )
+                .await
+                .context("publishing a reply")?,
+        );
+        Ok(())
+    }
+}
+
+fn poison_reply(reason: &str) -> CommandReply {
+    CommandReply {
+        command_id: uuid::Uuid::nil(),
+        status: 500,
+        body: error_body(
+            "command_dead_lettered",
+            &format!("the command could not be read ({reason}) and was set aside for an operator"),
+            None,
+        ),
+        replay: false,
+    }
+}
+
+async fn publish_follow_up(
+    channel: &Channel,
+    topology: &Topology,
+    message: &OutboxMessage,
+) -> anyhow::Result<lapin::PublisherConfirm> {
+    channel
+        .basic_publish(
+            topology.commands_exchange().as_str().into(),
+            message.routing_key.as_str().into(),
+            // Mandatory: an unroutable follow-up comes back instead of vanishing.
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &message.payload,
+            BasicProperties::default()
+                .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
+                .with_content_type("application/json".into()),
+        )
+        .await
+        .context("publishing a follow-up")
+}
+
+/// Periodically republishes follow-ups that were committed but never marked published (their
+/// worker died between commit and publish, or could not mark them).
+pub(crate) async fn sweep_outbox(
+    pool: PgPool,
+    channel: Channel,
+    topology: Topology,
+    interval: Duration,
+    age: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    channel
+        .confirm_select(ConfirmSelectOptions { nowait: false })
+        .await
+        .context("enabling publisher confirms")?;
+    let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            () = tokio::time::sleep(interval) => {}
+        }
+        let owed: Vec<(i64, String, Json<serde_json::Value>)> = match sqlx::query_as(
+            "SELECT id, routing_key, payload FROM outbox
+             WHERE published_at IS NULL AND created_at < now() - make_interval(secs => $1::float8 / 1000)
+             ORDER BY id LIMIT $2",
+        )
+        .bind(age_ms as f64)
+        .bind(OUTBOX_SWEEP_BATCH_MAX)
+        .fetch_all(&pool)
+        .await
+        {
+            Ok(rows) => rows,
+            Err(error) => {
+                tracing::warn!(%error, "outbox sweep could not read the outbox");
+                continue;
+            }
+        };
+        if owed.is_empty() {
+            continue;
+        }
+        let mut confirms = Vec::with_capacity(owed.len());
+        let mut ids = Vec::with_capacity(owed.len());
+        for (id, routing_key, Json(payload)) in owed {
+            let message = OutboxMessage {
+                id,
+                routing_key,
+                payload: payload.to_string().into_bytes(),
+            };
+            confirms.push(publish_follow_up(&channel, &topology, &message).await?);
+            ids.push(id);
+        }
+        for confirm in confirms {
+            anyhow::ensure!(confirm.await?.is_ack(), "the broker refused a follow-up");
+        }
+        tracing::info!(count = ids.len(), "outbox sweep republished follow-ups");
+        if let Err(error) = sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&pool)
+            .await
+        {
+            tracing::warn!(%error, "outbox sweep could not mark follow-ups published");
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The worker: consumes partition queues and applies their commands in batches, each batch one
+//! PostgreSQL transaction, then publishes what the batch owes (replies, follow-ups, treasury
+//! nudges) and acknowledges. Only the worker writes player balances.
+
+pub mod apply;
+mod consumer;
+mod ownership;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use shared::backoff::Backoff;
+use shared::broker::Topology;
+use shared::config::CommonConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "worker",
+    about = "Applies wallet commands from the partition queues"
+)]
+pub struct WorkerConfig {
+    #[command(flatten)]
+    pub common: CommonConfig,
+
+    /// Largest number of commands applied in one transaction.
+    #[arg(long, env = "BATCH_SIZE_MAX", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub batch_size_max: u16,
+
+    /// Longest wait for more commands after the first one of a batch arrived.
+    #[arg(long, env = "BATCH_WAIT_MS", default_value_t = 2)]
+    pub batch_wait_ms: u64,
+
+    /// How often unpublished follow-ups are looked for and republished.
+    #[arg(long, env = "OUTBOX_SWEEP_INTERVAL_MS", default_value_t = 2_000)]
+    pub outbox_sweep_interval_ms: u64,
+
+    /// Follow-ups younger than this are left to the worker that wrote them.
+    #[arg(long, env = "OUTBOX_SWEEP_AGE_MS", default_value_t = 5_000)]
+    pub outbox_sweep_age_ms: u64,
+
+    /// Upper bound of the backoff between retries when PostgreSQL or RabbitMQ is unavailable.
+    #[arg(long, env = "RETRY_BACKOFF_MAX_MS", default_value_t = 5_000)]
+    pub retry_backoff_max_ms: u64,
+
+    /// How often the worker compares what it owns with its fair share of the partitions.
+    #[arg(long, env = "REBALANCE_INTERVAL_MS", default_value_t = 1_000)]
+    pub rebalance_interval_ms: u64,
+
+    /// Name of this worker in logs and on the broker; defaults to host and process id.
+    #[arg(long, env = "WORKER_ID")]
+    pub worker_id: Option<String>,
+}
+
+impl WorkerConfig {
+    pub fn from_common(common: CommonConfig) -> Self {
+        let mut config = Self::parse_from(["worker"]);
+        config.common = common;
+        config
+    }
+
+    fn worker_id(&self) -> String {
+        self.worker_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|name| name.trim().to_string())
+                .unwrap_or_else(|_| "worker".to_string());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+/// Runs the worker until `shutdown` is cancelled. Reconnects to PostgreSQL and RabbitMQ by
+/// itself; an in-flight batch finishes (or is left unacknowledged) before it returns.
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let worker_id = config.worker_id();
+    let mut backoff = Backoff::new(config.retry_backoff_max_ms);
+    let Some(pool) =
+        shared::db::bootstrap_with_retry(&config.common, config.retry_backoff_max_ms, &shutdown)
+            .await
+    else {
+        return Ok(());
+    };
+    let topology = Topology::from_config(&config.common);
+    tracing::info!(%worker_id, partitions = config.common.partitions, "worker started");
+    shared::metrics::install_and_serve(config.common.metrics_addr.clone(), &shutdown);
+
+    backoff.reset();
+    while !shutdown.is_cancelled() {
+        match run_connected(&config, &worker_id, &pool, &topology, &shutdown).await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "broker connection lost; reconnecting"
+                );
+                if !backoff.sleep(&shutdown).await {
+                    break;
+                }
+            }
+        }
+    }
+    pool.close().await;
+    tracing::info!(%worker_id, "worker stopped");
+    Ok(())
+}
+
+/// One broker connection's life: the partitions this worker owns (rebalanced every tick) and
+/// the outbox sweep. Returns Ok on shutdown and Err when the broker or the lock session failed;
+/// either way every partition is released first.
+async fn run_connected(
+    config: &WorkerConfig,
+    worker_id: &str,
+    pool: &sqlx::PgPool,
+    topology: &Topology,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let connection =
+        shared::broker::connect(&config.common.amqp_url, &format!("worker {worker_id}"))
+            .await
+            .context("connecting to RabbitMQ")?;
+    let setup = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
+    topology
+        .declare(&setup)
+        .await
+        .context("declaring the topology")?;
+    drop(setup.close(200, "declared".into()).await);
+    let mut locks = ownership::LockSession::connect(&config.common, worker_id).await?;
+
+    let stop = shutdown.child_token();
+    let sweep_channel = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
+    let sweep = tokio::spawn(consumer::sweep_outbox(
+        pool.clone(),
+        sweep_channel,
+        topology.clone(),
+        Duration::from_millis(config.outbox_sweep_interval_ms),
+        Duration::from_millis(config.outbox_sweep_age_ms),
+        stop.clone(),
+    ));
+    let mut owned = ownership::OwnedPartitions::default();
+    let spawn_partition = |partition: u16, channel: lapin::Channel, stop: CancellationToken| {
+        let partition_consumer = consumer::PartitionConsumer {
+            pool: pool.clone(),
+            channel,
+            topology: topology.clone(),
+            partition,
+            batch_size_max: usize::from(config.batch_size_max),
+            batch_wait: Duration::from_millis(config.batch_wait_ms),
+            retry_backoff_max_ms: config.retry_backoff_max_ms,
+            consumer_tag: format!("{worker_id}/p{partition}"),
+            context: apply::ApplyContext::new(partition, topology.partitions),
+        };
+        tokio::spawn(partition_consumer.run(stop))
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(config.rebalance_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let outcome = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            _ = tick.tick() => {}
+        }
+        if let Some(failure) = owned.take_failure().await {
+            break Err(failure.context("a partition consumer failed"));
+        }
+        if sweep.is_finished() {
+            break Err(anyhow::anyhow!("the outbox sweep stopped"));
+        }
+        let target = match locks.fair_share(topology.partitions).await {
+            Ok(target) => target,
+            Err(error) => break Err(error.context("the ownership lock session failed")),
+        };
+        if let Err(error) = owned
+            .rebalance(
+                &mut locks,
+                target,
+                topology.partitions,
+                worker_id,
+                |partition, stop| {
+                    let connection = &connection;
+                    let spawn_partition = &spawn_partition;
+                    async move {
+                        let channel = connection
+                            .create_channel()
+                            .await
+                            .context("opening a channel")?;
+                        Ok(spawn_partition(partition, channel, stop))
+                    }
+                },
+            )
+            .await
+        {
+            break Err(error);
+        }
+    };
+    stop.cancel();
+    owned.release_all().await;
+    // Closing the lock session releases every advisory lock this worker still holds.
+    locks.close().await;
+    drop(sweep.await);
+    drop(connection.close(200, "worker stopping".into()).await);
+    match outcome {
+        Err(error) if !shutdown.is_cancelled() => Err(error),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,291 @@
+//! The same command stream applied in batches and one command at a time leaves identical books
+//! and identical results (issue: batched apply must not change semantics).
+
+use std::collections::BTreeMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use shared::wire::{COMMAND_VERSION, Command, CommandEnvelope};
+use sqlx::PgPool;
+use uuid::Uuid;
+use worker::apply::{ApplyContext, apply_batch};
+
+const PLAYERS: usize = 40;
+const COMMANDS: usize = 1_500;
+
+fn envelope(id: Uuid, fingerprint: &str, command: Command) -> CommandEnvelope {
+    CommandEnvelope {
+        v: COMMAND_VERSION,
+        id,
+        principal: "test".to_string(),
+        fingerprint: fingerprint.to_string(),
+        request_id: None,
+        command,
+    }
+}
+
+/// A stream with signups (some referred, some taken names, some unknown codes), top-ups,
+/// purchases that often overdraw, unknown items, redeliveries and reused keys.
+fn command_stream(seed: u64) -> Vec<CommandEnvelope> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let players: Vec<Uuid> = (0..PLAYERS)
+        .map(|index| Uuid::from_u128(0xA000 + index as u128))
+        .collect();
+    let code = |index: usize| format!("CODE{index:04}");
+    let mut stream = Vec::new();
+    for (index, player) in players.iter().enumerate() {
+        let referred =
+            (index > 0 && rng.random_bool(0.5)).then(|| code(rng.random_range(0..index)));
+        let referred = if rng.random_bool(0.05) {
+            Some("NOSUCHCODE".to_string())
+        } else {
+            referred
+        };
+        let username = if rng.random_bool(0.05) && index > 0 {
+            format!("player{}", index - 1)
+        } else {
+            format!("player{index}")
+        };
+        stream.push(envelope(
+            Uuid::from_u128(0xB000 + index as u128),
+            &format!("signup-{index}"),
+            Command::Signup {
+                user_id: *player,
+                username,
+                password_hash: "not-a-real-hash".to_string(),
+                referral_code: code(index),
+                referred_by_code: referred,
+                referral_bonus: 50,
+            },
+        ));
+    }
+    // Earlier commands whose journal a reversal may name (whether or not they were applied).
+    let mut reversible: Vec<(Uuid, Uuid)> = Vec::new();
+    for index in 0..COMMANDS {
+        let player = players[rng.random_range(0..PLAYERS)];
+        let roll = rng.random_range(0..100);
+        let command = if roll < 30 {
+            Command::TopUp {
+                player_id: player,
+                amount: rng.random_range(1..200),
+            }
+        } else if roll < 34 {
+            Command::GrantBonus {
+                player_id: player,
+                amount: rng.random_range(1..50),
+                reason: "stream".to_string(),
+            }
+        } else if roll < 40 {
+            let receiver = players[rng.random_range(0..PLAYERS)];
+            let asset = ["GEMS", "GOLD_COIN", "DRAGON"][rng.random_range(0..3)];
+            Command::Gift {
+                giver_id: player,
+                receiver_id: receiver,
+                asset: asset.to_string(),
+                amount: rng.random_range(1..40),
+            }
+        } else if roll < 44 && !reversible.is_empty() {
+            let (journal_id, owner) = reversible[rng.random_range(0..reversible.len())];
+            Command::Reverse {
+                player_id: owner,
+                journal_id,
+            }
+        } else if roll < 95 {
+            let item = if rng.random_bool(0.97) {
+                ["gold_coin", "treasure_box"][rng.random_range(0..2)]
+            } else {
+                "dragon"
+            };
+            Command::Purchase {
+                player_id: player,
+                item: item.to_string(),
+                quantity: rng.random_range(1..4),
+            }
+        } else {
+            Command::TopUp {
+                player_id: Uuid::from_u128(0xDEAD),
+                amount: 5,
+            }
+        };
+        let fresh = envelope(
+            Uuid::from_u128(0xC000_0000 + index as u128),
+            &format!("command-{index}"),
+            command,
+        );
+        if let Command::TopUp { player_id, .. } | Command::Purchase { player_id, .. } =
+            &fresh.command
+        {
+            reversible.push((fresh.id, *player_id));
+        }
+        // Sometimes redeliver an earlier command, or reuse its id for a different request.
+        if !stream.is_empty() && rng.random_bool(0.05) {
+            let earlier = stream[rng.random_range(0..stream.len())].clone();
+            stream.push(earlier);
+        }
+        if !stream.is_empty() && rng.random_bool(0.02) {
+            let mut reused = fresh.clone();
+            reused.id = stream[rng.random_range(0..stream.len())].id;
+            stream.push(reused);
+        }
+        stream.push(fresh);
+    }
+    stream
+}
+
+#[derive(Debug, PartialEq)]
+struct Books {
+    replies: Vec<(Uuid, u16, Value, bool)>,
+    accounts: BTreeMap<(Uuid, String), (i64, i64)>,
+    postings: Vec<(Uuid, Uuid, String, i64)>,
+    journals: Vec<(Uuid, String, Value)>,
+    commands: Vec<(Uuid, String, i16, Value)>,
+    hot_sums: BTreeMap<(Uuid, String), i64>,
+    outbox: Vec<(Uuid, String, Value)>,
+    users: Vec<(Uuid, String, Option<Uuid>)>,
+}
+
+async fn apply_stream(stream: &[CommandEnvelope], batch_size: usize) -> Books {
+    let config = shared::testing::isolated_config(1);
+    let pool = shared::db::bootstrap(&config).await.expect("database");
+    let context = ApplyContext::new(0, 1);
+    let mut replies = Vec::new();
+    for chunk in stream.chunks(batch_size) {
+        let mut transaction = pool.begin().await.unwrap();
+        let result = apply_batch(&mut transaction, chunk, &context)
+            .await
+            .expect("batch applies");
+        transaction.commit().await.unwrap();
+        replies.extend(
+            result
+                .replies
+                .into_iter()
+                .map(|reply| (reply.command_id, reply.status, reply.body, reply.replay)),
+        );
+    }
+    let books = read_books(&pool, replies).await;
+    pool.close().await;
+    shared::testing::drop_database(&config.database_url).await;
+    books
+}
+
+async fn read_books(pool: &PgPool, replies: Vec<(Uuid, u16, Value, bool)>) -> Books {
+    let accounts: Vec<(Uuid, String, i64, i64)> =
+        sqlx::query_as("SELECT owner_id, asset, balance, version FROM accounts WHERE NOT is_hot")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let postings: Vec<(Uuid, Uuid, String, i64)> = sqlx::query_as(
+        "SELECT p.journal_id, a.owner_id, p.asset, p.amount FROM postings p JOIN accounts a ON a.id = p.account_id
+         ORDER BY p.journal_id, a.owner_id, p.asset, p.amount",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let journals: Vec<(Uuid, String, sqlx::types::Json<Value>)> =
+        sqlx::query_as("SELECT id, kind, details FROM journal_entries ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let commands: Vec<(Uuid, String, i16, sqlx::types::Json<Value>)> =
+        sqlx::query_as("SELECT id, outcome, status_code, body FROM commands ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let hot: Vec<(Uuid, String, i64)> = sqlx::query_as(
+        "SELECT a.owner_id, a.asset, (a.balance + coalesce((SELECT sum(amount) FROM hot_credits h WHERE h.account_id = a.id), 0))::bigint
+         FROM accounts a WHERE a.is_hot",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let outbox: Vec<(Uuid, String, sqlx::types::Json<Value>)> =
+        sqlx::query_as("SELECT command_id, routing_key, payload FROM outbox ORDER BY command_id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let users: Vec<(Uuid, String, Option<Uuid>)> =
+        sqlx::query_as("SELECT id, username, referred_by FROM users ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    Books {
+        replies,
+        accounts: accounts
+            .into_iter()
+            .map(|(owner, asset, balance, version)| ((owner, asset), (balance, version)))
+            .collect(),
+        postings,
+        journals: journals
+            .into_iter()
+            .map(|(id, kind, details)| (id, kind, details.0))
+            .collect(),
+        commands: commands
+            .into_iter()
+            .map(|(id, outcome, status, body)| (id, outcome, status, body.0))
+            .collect(),
+        hot_sums: hot
+            .into_iter()
+            .map(|(owner, asset, sum)| ((owner, asset), sum))
+            .collect(),
+        outbox: outbox
+            .into_iter()
+            .map(|(id, key, payload)| (id, key, payload.0))
+            .collect(),
+        users,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_and_one_by_one_give_identical_books_and_results() {
+    let stream = command_stream(7);
+    let one_by_one = apply_stream(&stream, 1).await;
+    let batched = apply_stream(&stream, 64).await;
+    let whole = apply_stream(&stream, stream.len()).await;
+
+    // The stream exercises what it should.
+    let statuses: Vec<u16> = one_by_one.replies.iter().map(|reply| reply.1).collect();
+    for status in [200, 404, 409, 422] {
+        assert!(statuses.contains(&status), "the stream produces {status}");
+    }
+    assert!(
+        one_by_one.replies.iter().any(|reply| reply.3),
+        "the stream has redeliveries"
+    );
+    assert!(
+        !one_by_one.outbox.is_empty(),
+        "the stream owes referrer bonuses and gift deliveries"
+    );
+    for kind in [
+        "bonus",
+        "gift",
+        "reversal",
+        "purchase",
+        "top_up",
+        "referral_bonus",
+    ] {
+        assert!(
+            one_by_one.journals.iter().any(|journal| journal.1 == kind),
+            "the stream applies a {kind}"
+        );
+    }
+    // genesis holds the negative side of the supply; every player account is at zero or above.
+    assert!(
+        one_by_one
+            .accounts
+            .iter()
+            .filter(|((owner, _), _)| *owner != shared::domain::GENESIS_OWNER_ID)
+            .all(|(_, (balance, _))| *balance >= 0)
+    );
+
+    for (index, (single, batch)) in one_by_one.replies.iter().zip(&batched.replies).enumerate() {
+        assert_eq!(
+            single, batch,
+            "the first differing reply is number {index}: {:?}",
+            stream[index].command
+        );
+    }
+    assert_eq!(one_by_one.replies, batched.replies, "replies");
+    assert_eq!(one_by_one, batched, "books with batches of 64");
+    assert_eq!(one_by_one, whole, "books with one batch");
+}
