@@ -130,6 +130,94 @@ impl Topology {
     }
 }
 
+/// One queue's depth as the broker reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueDepth {
+    pub name: String,
+    /// "partition", "treasury" or "dead_letters".
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u16>,
+    /// None when the queue does not exist (not declared yet, or expired).
+    pub messages: Option<u32>,
+    pub consumers: Option<u32>,
+}
+
+impl Topology {
+    /// Every queue of the topology: name, kind and partition.
+    fn queues(&self) -> Vec<(String, &'static str, Option<u16>)> {
+        let mut queues: Vec<_> = (0..self.partitions)
+            .map(|partition| {
+                (
+                    self.partition_queue(partition),
+                    "partition",
+                    Some(partition),
+                )
+            })
+            .collect();
+        queues.push((self.treasury_queue(), "treasury", None));
+        queues.push((self.dead_letter_queue(), "dead_letters", None));
+        queues
+    }
+}
+
+/// Message and consumer counts of every queue of the topology, by passive declares on a
+/// short-lived channel (declaring nothing). A missing queue makes the broker close the channel,
+/// so the next queue gets a new one. The caller bounds the time this takes.
+pub async fn queue_depths(
+    connection: &Connection,
+    topology: &Topology,
+) -> Result<Vec<QueueDepth>, SharedError> {
+    let queues = topology.queues();
+    let mut channel = connection.create_channel().await?;
+    let mut depths = Vec::with_capacity(queues.len());
+    for (name, kind, partition) in queues {
+        let declared = channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    // Only asks: a missing queue is reported, never created with other arguments.
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let (messages, consumers) = match declared {
+            Ok(queue) => (Some(queue.message_count()), Some(queue.consumer_count())),
+            Err(_) => {
+                channel = connection.create_channel().await?;
+                (None, None)
+            }
+        };
+        depths.push(QueueDepth {
+            name,
+            kind,
+            partition,
+            messages,
+            consumers,
+        });
+    }
+    drop(channel.close(200, "queue depths taken".into()).await);
+    Ok(depths)
+}
+
+/// Sets the `wallet_queue_messages` and `wallet_queue_consumers` gauges (labels `queue`, `kind`)
+/// from a sample; a missing queue reads as 0 messages and 0 consumers.
+pub fn record_queue_depths(depths: &[QueueDepth]) {
+    for depth in depths {
+        let labels = [
+            ("queue", depth.name.clone()),
+            ("kind", depth.kind.to_string()),
+        ];
+        metrics::gauge!("wallet_queue_messages", &labels)
+            .set(f64::from(depth.messages.unwrap_or(0)));
+        metrics::gauge!("wallet_queue_consumers", &labels)
+            .set(f64::from(depth.consumers.unwrap_or(0)));
+    }
+}
+
 /// Connects to the broker with a connection name that shows up in the management UI.
 pub async fn connect(amqp_url: &str, connection_name: &str) -> Result<Connection, SharedError> {
     let properties = ConnectionProperties::default()

@@ -125,6 +125,10 @@ pub struct CommandReply {
 pub struct TreasuryMessage {
     pub v: u32,
     pub credit_ids: Vec<i64>,
+    /// Request ids of the commands whose postings made these credits, so the treasury's logs
+    /// carry the same ids as the gateway's and the worker's. Absent in nudges of older workers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_ids: Vec<String>,
 }
 
 /// Decodes a command envelope, telling apart bytes that are not a command at all from a
@@ -140,4 +144,28 @@ pub fn decode_command(bytes: &[u8]) -> Result<CommandEnvelope, String> {
         return Err(format!("unknown command version {}", version.v));
     }
     serde_json::from_slice(bytes).map_err(|error| format!("undecodable command: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TreasuryMessage;
+
+    #[test]
+    fn treasury_nudges_carry_request_ids_and_read_old_ones() {
+        let nudge = TreasuryMessage {
+            v: 1,
+            credit_ids: vec![7, 8],
+            request_ids: vec!["request-1".to_string()],
+        };
+        let bytes = serde_json::to_vec(&nudge).expect("encoded");
+        assert_eq!(
+            serde_json::from_slice::<TreasuryMessage>(&bytes).expect("decoded"),
+            nudge
+        );
+        // A nudge from a worker that predates request ids still folds its credits.
+        let old: TreasuryMessage =
+            serde_json::from_str(r#"{"v":1,"credit_ids":[3]}"#).expect("decoded");
+        assert_eq!(old.credit_ids, vec![3]);
+        assert!(old.request_ids.is_empty());
+    }
 }

@@ -38,6 +38,10 @@ pub struct TreasuryConfig {
     #[arg(long, env = "TREASURY_SWEEP_INTERVAL_MS", default_value_t = 1_000)]
     pub treasury_sweep_interval_ms: u64,
 
+    /// How often the depth of every queue is sampled for the `wallet_queue_messages` metric.
+    #[arg(long, env = "QUEUE_DEPTH_INTERVAL_MS", default_value_t = 5_000)]
+    pub queue_depth_interval_ms: u64,
+
     /// Upper bound of the backoff between retries when PostgreSQL or RabbitMQ is unavailable.
     #[arg(long, env = "RETRY_BACKOFF_MAX_MS", default_value_t = 5_000)]
     pub retry_backoff_max_ms: u64,
@@ -124,6 +128,16 @@ pub async fn run(config: TreasuryConfig, shutdown: CancellationToken) -> anyhow:
         config.retry_backoff_max_ms,
         shutdown.clone(),
     ));
+    let depth_sampler = tokio::spawn(run_queue_depths(
+        config.common.amqp_url.clone(),
+        topology.clone(),
+        Duration::from_millis(
+            config
+                .queue_depth_interval_ms
+                .max(QUEUE_DEPTH_INTERVAL_MIN_MS),
+        ),
+        shutdown.clone(),
+    ));
     let sweeper = tokio::spawn(run_sweep(
         pool.clone(),
         Duration::from_millis(config.treasury_sweep_interval_ms),
@@ -146,9 +160,51 @@ pub async fn run(config: TreasuryConfig, shutdown: CancellationToken) -> anyhow:
     }
     drop(sweeper.await);
     drop(archiver.await);
+    drop(depth_sampler.await);
     pool.close().await;
     tracing::info!("treasury stopped");
     Ok(())
+}
+
+/// Queue depths are never sampled more often than this, whatever the configuration says.
+const QUEUE_DEPTH_INTERVAL_MIN_MS: u64 = 500;
+/// One sample of every queue's depth (connecting included) gives up after this long.
+const QUEUE_DEPTH_TIMEOUT_MS: u64 = 3_000;
+
+/// Publishes every queue's depth as metrics from this process (one per deployment), keeping
+/// one broker connection between samples and opening a new one after a failure.
+async fn run_queue_depths(
+    amqp_url: String,
+    topology: Topology,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut connection: Option<lapin::Connection> = None;
+    loop {
+        let sample = async {
+            let current = match connection.take().filter(|c| c.status().connected()) {
+                Some(current) => current,
+                None => shared::broker::connect(&amqp_url, "treasury-queue-depths").await?,
+            };
+            let depths = shared::broker::queue_depths(&current, &topology).await?;
+            Ok::<_, shared::SharedError>((current, depths))
+        };
+        match tokio::time::timeout(Duration::from_millis(QUEUE_DEPTH_TIMEOUT_MS), sample).await {
+            Ok(Ok((current, depths))) => {
+                shared::broker::record_queue_depths(&depths);
+                connection = Some(current);
+            }
+            Ok(Err(error)) => tracing::debug!(%error, "could not sample queue depths"),
+            Err(_) => tracing::debug!("sampling queue depths timed out"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+    if let Some(connection) = connection {
+        drop(connection.close(200, "treasury stopping".into()).await);
+    }
 }
 
 async fn run_sweep(pool: PgPool, interval: Duration, shutdown: CancellationToken) {
@@ -236,21 +292,21 @@ async fn consume(
                 Ok(None) | Err(_) => break,
             }
         }
-        let credit_ids: Vec<i64> = batch
-            .iter()
-            .filter_map(|delivery| {
-                match serde_json::from_slice::<TreasuryMessage>(&delivery.data) {
-                    Ok(message) => Some(message.credit_ids),
-                    Err(error) => {
-                        // A nudge only names credits that the sweep folds anyway, so an unreadable
-                        // one loses nothing; it is logged and acknowledged with its batch.
-                        tracing::warn!(%error, "unreadable treasury message");
-                        None
-                    }
+        let mut credit_ids: Vec<i64> = Vec::new();
+        let mut request_ids: Vec<String> = Vec::new();
+        for delivery in &batch {
+            match serde_json::from_slice::<TreasuryMessage>(&delivery.data) {
+                Ok(message) => {
+                    credit_ids.extend(message.credit_ids);
+                    request_ids.extend(message.request_ids);
                 }
-            })
-            .flatten()
-            .collect();
+                Err(error) => {
+                    // A nudge only names credits that the sweep folds anyway, so an unreadable
+                    // one loses nothing; it is logged and acknowledged with its batch.
+                    tracing::warn!(%error, "unreadable treasury message");
+                }
+            }
+        }
         backoff.reset();
         loop {
             let attempt = async {
@@ -262,7 +318,14 @@ async fn consume(
             match attempt.await {
                 Ok(folded) => {
                     metrics::counter!("wallet_treasury_credits_folded_total").increment(folded);
-                    tracing::debug!(nudges = batch.len(), folded, "treasury batch folded");
+                    // The request ids follow each command from its HTTP request through the
+                    // worker to here (LOG_FORMAT=json makes them searchable; RUST_LOG=debug).
+                    tracing::debug!(
+                        nudges = batch.len(),
+                        folded,
+                        request_ids = ?request_ids,
+                        "treasury batch folded"
+                    );
                     break;
                 }
                 Err(error) if is_transient(&error) => {

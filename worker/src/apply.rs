@@ -41,6 +41,9 @@ pub struct BatchResult {
     pub outbox: Vec<OutboxMessage>,
     /// Hot credits written by this batch, for the treasury consumer.
     pub hot_credit_ids: Vec<i64>,
+    /// Request ids of the commands applied by this batch (every applied command moves money
+    /// through a hot account), carried to the treasury for its logs.
+    pub applied_request_ids: Vec<String>,
     pub applied: usize,
     pub rejected: usize,
     pub replayed: usize,
@@ -456,6 +459,9 @@ pub async fn apply_batch(
         };
         if decision.outcome == "applied" {
             result.applied += 1;
+            if let Some(request_id) = &envelope.request_id {
+                result.applied_request_ids.push(request_id.clone());
+            }
         } else {
             result.rejected += 1;
         }

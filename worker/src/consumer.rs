@@ -1,6 +1,7 @@
 //! The partition consumer: collects a bounded batch, applies it, publishes what it owes and
 //! acknowledges it with one multiple-ack.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -152,16 +153,34 @@ impl PartitionConsumer {
                 published_outbox.push(message.id);
             }
             if !result.hot_credit_ids.is_empty() {
-                confirms.push(self.publish_treasury_nudge(&result.hot_credit_ids).await?);
+                confirms.push(
+                    self.publish_treasury_nudge(
+                        &result.hot_credit_ids,
+                        &result.applied_request_ids,
+                    )
+                    .await?,
+                );
             }
         }
+        // Commands by kind and outcome, counted here and added to the metric once per batch.
+        let mut settled: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
         for (index, reason) in &poison {
+            *settled.entry(("undecodable", "dead_lettered")).or_default() += 1;
             confirms.push(self.dead_letter(&batch[*index], reason).await?);
             self.reply(&batch[*index], &poison_reply(reason)).await?;
         }
         for ((index, envelope), outcome) in decoded.iter().zip(&outcomes) {
+            let kind = envelope.command.kind();
             match outcome {
                 Outcome::Reply(reply) => {
+                    let counted_as = if reply.replay {
+                        "replayed"
+                    } else if (200..300).contains(&reply.status) {
+                        "applied"
+                    } else {
+                        "rejected"
+                    };
+                    *settled.entry((kind, counted_as)).or_default() += 1;
                     // The request id travels in the envelope, so one id follows a command from
                     // the HTTP request to here (LOG_FORMAT=json makes these fields searchable).
                     tracing::debug!(
@@ -176,6 +195,7 @@ impl PartitionConsumer {
                     self.reply(&batch[*index], reply).await?;
                 }
                 Outcome::Failed(reason) => {
+                    *settled.entry((kind, "dead_lettered")).or_default() += 1;
                     tracing::error!(
                         command_id = %envelope.id,
                         request_id = envelope.request_id.as_deref().unwrap_or_default(),
@@ -221,19 +241,9 @@ impl PartitionConsumer {
         let applied: usize = results.iter().map(|result| result.applied).sum();
         let rejected: usize = results.iter().map(|result| result.rejected).sum();
         let replayed: usize = results.iter().map(|result| result.replayed).sum();
-        let failed = outcomes
-            .iter()
-            .filter(|outcome| matches!(outcome, Outcome::Failed(_)))
-            .count()
-            + poison.len();
-        for (outcome, count) in [
-            ("applied", applied),
-            ("rejected", rejected),
-            ("replayed", replayed),
-            ("dead_lettered", failed),
-        ] {
-            metrics::counter!("wallet_commands_total", "outcome" => outcome)
-                .increment(count as u64);
+        for ((kind, outcome), count) in settled {
+            metrics::counter!("wallet_commands_total", "kind" => kind, "outcome" => outcome)
+                .increment(count);
         }
         metrics::histogram!("wallet_batch_size").record(batch.len() as f64);
         metrics::histogram!("wallet_batch_seconds").record(started.elapsed().as_secs_f64());
@@ -313,10 +323,12 @@ impl PartitionConsumer {
     async fn publish_treasury_nudge(
         &self,
         credit_ids: &[i64],
+        request_ids: &[String],
     ) -> anyhow::Result<lapin::PublisherConfirm> {
         let payload = serde_json::to_vec(&TreasuryMessage {
             v: 1,
             credit_ids: credit_ids.to_vec(),
+            request_ids: request_ids.to_vec(),
         })?;
         self.channel
             .basic_publish(

@@ -1,0 +1,105 @@
+//! The Prometheus series an operator relies on: commands by kind and outcome, queue depths,
+//! batch sizes, partition ownership and the treasury lag. In tests every process runs in one
+//! process with one recorder, so the gateway's `/metrics` shows the worker's and the treasury's
+//! series too (in production each process serves its own on METRICS_ADDR).
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestSystem;
+use reqwest::StatusCode;
+use serde_json::json;
+
+/// The value of the first series of `name` whose labels include every `labels` pair.
+fn series_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_by_kind_and_queue_depths_are_exported() {
+    let system = TestSystem::start().await;
+    let token = system.player("metered").await;
+    assert_eq!(system.top_up(&token, 100).await.status, StatusCode::OK);
+    let reply = system
+        .post(
+            "/purchase",
+            Some(&token),
+            None,
+            json!({ "item": "gold_coin" }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let refused = system
+        .post(
+            "/purchase",
+            Some(&token),
+            None,
+            json!({ "item": "treasure_box", "quantity": 2 }),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT);
+
+    let partition_queue = format!("{}wallet.commands.p0", system.common.queue_prefix);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let reply = system.get("/metrics", None).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        let text = reply.body.as_str().unwrap_or_default().to_string();
+        let found = [
+            series_value(
+                &text,
+                "wallet_commands_total",
+                &[("kind", "top_up"), ("outcome", "applied")],
+            ),
+            series_value(
+                &text,
+                "wallet_commands_total",
+                &[("kind", "purchase"), ("outcome", "applied")],
+            ),
+            series_value(
+                &text,
+                "wallet_commands_total",
+                &[("kind", "purchase"), ("outcome", "rejected")],
+            ),
+            series_value(
+                &text,
+                "wallet_queue_messages",
+                &[("queue", &partition_queue), ("kind", "partition")],
+            ),
+            series_value(
+                &text,
+                "wallet_queue_consumers",
+                &[("queue", &partition_queue), ("kind", "partition")],
+            ),
+            series_value(&text, "wallet_batch_size_count", &[]).or_else(|| {
+                text.lines()
+                    .find(|line| line.starts_with("wallet_batch_size_count "))
+                    .and_then(|line| line.rsplit(' ').next())
+                    .and_then(|value| value.parse().ok())
+            }),
+        ];
+        if found.iter().all(Option::is_some) {
+            // Counters are shared by the tests of this binary, so they are at least ours.
+            assert!(found[0].unwrap_or_default() >= 1.0, "top-ups counted");
+            assert!(found[1].unwrap_or_default() >= 1.0, "purchases counted");
+            assert!(found[2].unwrap_or_default() >= 1.0, "refusals counted");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "series missing from /metrics: {found:?}\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    system.finish().await;
+}
