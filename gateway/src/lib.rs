@@ -167,9 +167,13 @@ pub async fn build_state(
 ) -> anyhow::Result<AppState> {
     // Like the worker and the treasury, the gateway waits for PostgreSQL instead of exiting when
     // it is not reachable yet (a crash restart, or everything starting at once).
-    let Some(pool) =
-        shared::db::bootstrap_with_retry(&config.common, config.retry_backoff_max_ms, shutdown)
-            .await
+    let Some(pool) = shared::db::bootstrap_with_retry(
+        &config.common,
+        shared::db::Planner::Default,
+        config.retry_backoff_max_ms,
+        shutdown,
+    )
+    .await
     else {
         anyhow::bail!("stopped before the database was ready");
     };

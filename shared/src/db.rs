@@ -63,11 +63,39 @@ fn with_loopback_sslmode(database_url: &str) -> String {
     }
 }
 
+/// How a process's database sessions plan their queries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Planner {
+    /// PostgreSQL's defaults: the gateway, whose reads include the audit's full scans.
+    Default,
+    /// Sequential scans off, for the worker and the treasury, whose every statement reads or
+    /// writes rows by key. Their prepared statements get a generic plan from their sixth run
+    /// on, kept for the life of the connection; made while a table is still small (a fresh
+    /// database, the first seconds of load), that plan scans the whole table and keeps doing
+    /// so as it grows: the profile of the purchase-hot benchmark showed the worker's dedup read
+    /// scanning every stored result of `commands` on every batch (a sixth of the machine's
+    /// CPU). With sequential scans off the planner takes the index path it has for each of
+    /// those statements, however small the table was when the plan was made.
+    PointLookups,
+}
+
 pub async fn connect(config: &CommonConfig) -> Result<PgPool, SharedError> {
+    connect_with_planner(config, Planner::Default).await
+}
+
+pub async fn connect_with_planner(
+    config: &CommonConfig,
+    planner: Planner,
+) -> Result<PgPool, SharedError> {
+    let mut options = connect_options(&config.database_url)?;
+    if planner == Planner::PointLookups {
+        // Sent in the startup packet: no extra round trip.
+        options = options.options([("enable_seqscan", "off")]);
+    }
     let pool = PgPoolOptions::new()
         .max_connections(config.database_connections_max)
         .acquire_timeout(Duration::from_millis(POOL_ACQUIRE_TIMEOUT_MS))
-        .connect_with(connect_options(&config.database_url)?)
+        .connect_with(options)
         .await?;
     Ok(pool)
 }
@@ -75,8 +103,16 @@ pub async fn connect(config: &CommonConfig) -> Result<PgPool, SharedError> {
 /// Everything a process needs from the database before it serves: the database, the schema,
 /// the partition count and the initial supply.
 pub async fn bootstrap(config: &CommonConfig) -> Result<PgPool, SharedError> {
+    bootstrap_with_planner(config, Planner::Default).await
+}
+
+/// `bootstrap` with sessions that plan as `planner` says.
+pub async fn bootstrap_with_planner(
+    config: &CommonConfig,
+    planner: Planner,
+) -> Result<PgPool, SharedError> {
     ensure_database(&config.database_url).await?;
-    let pool = connect(config).await?;
+    let pool = connect_with_planner(config, planner).await?;
     // sqlx takes an advisory lock around migrations, so concurrent starts apply them once.
     MIGRATOR.run(&pool).await?;
     check_partitions(&pool, config.partitions).await?;
@@ -87,12 +123,13 @@ pub async fn bootstrap(config: &CommonConfig) -> Result<PgPool, SharedError> {
 /// `bootstrap`, retried with backoff until it succeeds; None when `shutdown` came first.
 pub async fn bootstrap_with_retry(
     config: &CommonConfig,
+    planner: Planner,
     retry_backoff_max_ms: u64,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Option<PgPool> {
     let mut backoff = crate::backoff::Backoff::new(retry_backoff_max_ms);
     loop {
-        match bootstrap(config).await {
+        match bootstrap_with_planner(config, planner).await {
             Ok(pool) => return Some(pool),
             Err(error) => {
                 tracing::warn!(%error, "database not ready; retrying");

@@ -112,9 +112,13 @@ pub async fn lag(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
 /// Runs the treasury consumer until `shutdown` is cancelled.
 pub async fn run(config: TreasuryConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(config.retry_backoff_max_ms);
-    let Some(pool) =
-        shared::db::bootstrap_with_retry(&config.common, config.retry_backoff_max_ms, &shutdown)
-            .await
+    let Some(pool) = shared::db::bootstrap_with_retry(
+        &config.common,
+        shared::db::Planner::PointLookups,
+        config.retry_backoff_max_ms,
+        &shutdown,
+    )
+    .await
     else {
         return Ok(());
     };

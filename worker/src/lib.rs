@@ -75,9 +75,13 @@ impl WorkerConfig {
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let worker_id = config.worker_id();
     let mut backoff = Backoff::new(config.retry_backoff_max_ms);
-    let Some(pool) =
-        shared::db::bootstrap_with_retry(&config.common, config.retry_backoff_max_ms, &shutdown)
-            .await
+    let Some(pool) = shared::db::bootstrap_with_retry(
+        &config.common,
+        shared::db::Planner::PointLookups,
+        config.retry_backoff_max_ms,
+        &shutdown,
+    )
+    .await
     else {
         return Ok(());
     };

@@ -147,7 +147,9 @@ struct Books {
 
 async fn apply_stream(stream: &[CommandEnvelope], batch_size: usize) -> Books {
     let config = shared::testing::isolated_config(1);
-    let pool = shared::db::bootstrap(&config).await.expect("database");
+    let pool = shared::db::bootstrap_with_planner(&config, shared::db::Planner::PointLookups)
+        .await
+        .expect("database");
     let context = ApplyContext::new(0, 1);
     let mut replies = Vec::new();
     for chunk in stream.chunks(batch_size) {
