@@ -125,6 +125,25 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
         ),
     });
 
+    // The postings and hot credits have no foreign keys to accounts (see migration 0006), so
+    // the audit checks what those keys would have, and more: the asset matches too.
+    let (orphan_postings, orphan_credits): (i64, i64) = sqlx::query_as(
+        "SELECT
+             (SELECT count(*) FROM postings p LEFT JOIN accounts a ON a.id = p.account_id
+              WHERE a.id IS NULL OR a.asset <> p.asset),
+             (SELECT count(*) FROM hot_credits h LEFT JOIN accounts a ON a.id = h.account_id
+              WHERE a.id IS NULL OR NOT a.is_hot)",
+    )
+    .fetch_one(&mut *transaction)
+    .await?;
+    checks.push(AuditCheck {
+        name: "postings_reference_their_accounts",
+        description: "every posting names an existing account of its asset, and every unfolded credit an existing hot account",
+        passed: orphan_postings == 0 && orphan_credits == 0,
+        violations: orphan_postings.saturating_add(orphan_credits),
+        figures: serde_json::json!({ "orphan_postings": orphan_postings, "orphan_credits": orphan_credits }),
+    });
+
     let (negative, players): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE balance < 0), count(*) FROM accounts WHERE owner_kind = 'player'",
     )

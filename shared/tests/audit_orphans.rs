@@ -1,0 +1,56 @@
+//! The audit finds postings and unfolded credits whose account is missing or of another asset,
+//! which foreign keys no longer refuse (migration 0006 dropped them for throughput).
+
+use shared::domain::{GEMS, TREASURY_OWNER_ID};
+
+#[tokio::test]
+async fn the_audit_finds_postings_without_their_account() {
+    let config = shared::testing::isolated_config(1);
+    let pool = shared::db::bootstrap(&config).await.expect("database");
+    let report = shared::audit::run(&pool).await.expect("audit ran");
+    assert!(report.passed, "a fresh database passes");
+
+    let treasury: i64 =
+        sqlx::query_scalar("SELECT id FROM accounts WHERE owner_id = $1 AND asset = $2")
+            .bind(TREASURY_OWNER_ID)
+            .bind(GEMS)
+            .fetch_one(&pool)
+            .await
+            .expect("treasury account");
+    let journal = uuid::Uuid::new_v4();
+    // A balanced journal entry whose second leg names an account that does not exist.
+    sqlx::query("INSERT INTO journal_entries (id, kind) VALUES ($1, 'top_up')")
+        .bind(journal)
+        .execute(&pool)
+        .await
+        .expect("journal");
+    sqlx::query(
+        "INSERT INTO postings (journal_id, account_id, asset, amount)
+         VALUES ($1, $2, $3, -5), ($1, $4, $3, 5)",
+    )
+    .bind(journal)
+    .bind(treasury)
+    .bind(GEMS)
+    .bind(i64::MAX)
+    .execute(&pool)
+    .await
+    .expect("postings");
+    // And an unfolded credit owed to an account that does not exist.
+    sqlx::query("INSERT INTO hot_credits (account_id, amount) VALUES ($1, 1)")
+        .bind(i64::MAX - 1)
+        .execute(&pool)
+        .await
+        .expect("credit");
+
+    let report = shared::audit::run(&pool).await.expect("audit ran");
+    assert!(!report.passed);
+    let check = report
+        .checks
+        .iter()
+        .find(|check| check.name == "postings_reference_their_accounts")
+        .expect("the check runs");
+    assert!(!check.passed);
+    assert_eq!(check.violations, 2, "{:?}", check.figures);
+    pool.close().await;
+    shared::testing::drop_database(&config.database_url).await;
+}
