@@ -16,7 +16,9 @@ pub const OWNER_APPLICATION_PREFIX: &str = "wallet-worker/";
 pub struct PartitionOwner {
     pub partition: i32,
     /// The owning worker's id, or None when no worker holds the partition.
+    #[schema(required = true)]
     pub owner: Option<String>,
+    #[schema(required = true)]
     pub owner_connected_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 

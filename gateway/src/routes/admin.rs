@@ -91,9 +91,11 @@ pub struct DeadLetterItem {
     pub payload: String,
     /// The message's full length.
     pub payload_bytes: usize,
+    #[schema(required = true)]
     pub message_id: Option<String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     /// When it was replayed; null while it was not.
+    #[schema(required = true)]
     pub replayed_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
@@ -103,6 +105,7 @@ pub struct DeadLetterItem {
 pub struct DeadLetterPage {
     pub items: Vec<DeadLetterItem>,
     /// Pass as `after` for the next page; null on the last page.
+    #[schema(required = true)]
     pub next_after: Option<i64>,
 }
 

@@ -192,7 +192,9 @@ pub struct QueueDepth {
     #[serde(skip_serializing_if = "Option::is_none")]
     partition: Option<u16>,
     /// None when the queue does not exist (not declared yet, or expired).
+    #[schema(required = true)]
     messages: Option<u32>,
+    #[schema(required = true)]
     consumers: Option<u32>,
 }
 
@@ -200,7 +202,9 @@ pub struct QueueDepth {
 #[serde(rename_all = "camelCase")]
 pub struct Throughput {
     /// Command results stored per second over `window_seconds`; None until two samples exist.
+    #[schema(required = true)]
     commands_per_second: Option<f64>,
+    #[schema(required = true)]
     window_seconds: Option<f64>,
 }
 
@@ -210,9 +214,13 @@ pub struct Latency {
     /// Command requests (signup, top-up, purchase, bonus, ...) answered in the window.
     requests: u64,
     /// None: since the gateway started (no earlier sample yet).
+    #[schema(required = true)]
     window_seconds: Option<f64>,
+    #[schema(required = true)]
     p50_ms: Option<f64>,
+    #[schema(required = true)]
     p95_ms: Option<f64>,
+    #[schema(required = true)]
     p99_ms: Option<f64>,
 }
 
@@ -225,6 +233,7 @@ pub struct HotAccount {
     balance: i64,
     unfolded_credits: i64,
     unfolded_count: i64,
+    #[schema(required = true)]
     oldest_unfolded_seconds: Option<f64>,
 }
 
@@ -238,9 +247,12 @@ pub struct DeadLetterCounts {
 #[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditView {
+    #[schema(required = true)]
     report: Option<Arc<AuditReport>>,
+    #[schema(required = true)]
     age_seconds: Option<f64>,
     running: bool,
+    #[schema(required = true)]
     error: Option<String>,
     interval_seconds: u64,
 }

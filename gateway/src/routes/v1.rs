@@ -322,6 +322,7 @@ pub struct HistoryEntry {
 pub struct HistoryPage {
     pub entries: Vec<HistoryEntry>,
     /// Pass as `cursor` for the next page; null on the last page.
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
 }
 
