@@ -3,7 +3,8 @@
 //! can post with any HTTP client.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -31,6 +32,26 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
             .map_err(|error| {
                 ApiError::BadRequest(format!(
                     "the body is not valid JSON for this endpoint: {error}"
+                ))
+            })
+    }
+}
+
+/// Query parameters with the service's error shape: 400 `invalid_body` (JSON) for parameters
+/// that do not parse, instead of axum's plain-text rejection.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(query)| QueryParams(query))
+            .map_err(|rejection| {
+                ApiError::BadRequest(format!(
+                    "invalid query parameters: {}",
+                    rejection.body_text()
                 ))
             })
     }

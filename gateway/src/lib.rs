@@ -7,6 +7,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod limits;
+pub mod openapi;
 pub mod publisher;
 pub mod routes;
 pub mod state;
@@ -20,7 +21,6 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use shared::broker::Topology;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -28,6 +28,8 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use config::GatewayConfig;
 use error::{ApiError, REQUEST_ID};
@@ -35,34 +37,44 @@ use state::AppState;
 
 static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Every documented route: the handlers' `#[utoipa::path]` annotations are both their routes and
+/// their part of the OpenAPI document, so the two cannot disagree.
+pub fn api_router() -> OpenApiRouter<AppState> {
+    use routes::{accounts, admin, commands, health, ops, v1, wallet};
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(utoipa_axum::routes!(health::health))
+        .routes(utoipa_axum::routes!(accounts::signup))
+        .routes(utoipa_axum::routes!(accounts::login))
+        .routes(utoipa_axum::routes!(wallet::balance))
+        .routes(utoipa_axum::routes!(wallet::top_up))
+        .routes(utoipa_axum::routes!(wallet::purchase))
+        .routes(utoipa_axum::routes!(commands::command_status))
+        .routes(utoipa_axum::routes!(v1::catalog, v1::add_item))
+        .routes(utoipa_axum::routes!(v1::change_item))
+        .routes(utoipa_axum::routes!(v1::gift))
+        .routes(utoipa_axum::routes!(v1::reverse))
+        .routes(utoipa_axum::routes!(v1::top_up))
+        .routes(utoipa_axum::routes!(v1::grant_bonus))
+        .routes(utoipa_axum::routes!(v1::purchase))
+        .routes(utoipa_axum::routes!(v1::balances))
+        .routes(utoipa_axum::routes!(v1::history))
+        .routes(utoipa_axum::routes!(admin::audit))
+        .routes(utoipa_axum::routes!(admin::partitions))
+        .routes(utoipa_axum::routes!(admin::dead_letters))
+        .routes(utoipa_axum::routes!(admin::replay_dead_letter))
+        .routes(utoipa_axum::routes!(ops::overview))
+        .routes(utoipa_axum::routes!(ops::page))
+        .routes(utoipa_axum::routes!(metrics))
+        .routes(utoipa_axum::routes!(openapi::openapi_json))
+}
+
 /// The HTTP application: every route with its middleware.
 pub fn app(state: AppState) -> Router {
     let cors = cors_layer(&state.config.frontend_url);
     let request_timeout = Duration::from_millis(state.config.request_timeout_ms);
-    Router::new()
-        .route("/health", get(routes::health::health))
-        .route("/signup", post(routes::accounts::signup))
-        .route("/login", post(routes::accounts::login))
-        .route("/balance", get(routes::wallet::balance))
-        .route("/top-up", post(routes::wallet::top_up))
-        .route("/purchase", post(routes::wallet::purchase))
-        .route("/v1/commands/{id}", get(routes::commands::command_status))
-        .route("/v1/catalog", get(routes::v1::catalog).post(routes::v1::add_item))
-        .route("/v1/catalog/{item}", axum::routing::patch(routes::v1::change_item))
-        .route("/v1/players/{player}/gifts", post(routes::v1::gift))
-        .route("/v1/journal/{journal}/reverse", post(routes::v1::reverse))
-        .route("/v1/players/{player}/top-up", post(routes::v1::top_up))
-        .route("/v1/players/{player}/bonus", post(routes::v1::grant_bonus))
-        .route("/v1/players/{player}/purchase", post(routes::v1::purchase))
-        .route("/v1/players/{player}/balances", get(routes::v1::balances))
-        .route("/v1/players/{player}/history", get(routes::v1::history))
-        .route("/v1/admin/audit", get(routes::admin::audit))
-        .route("/v1/admin/partitions", get(routes::admin::partitions))
-        .route("/v1/admin/dead-letters", get(routes::admin::dead_letters))
-        .route("/v1/admin/dead-letters/{id}/replay", post(routes::admin::replay_dead_letter))
-        .route("/v1/admin/overview", routes::ops::overview())
-        .route("/ops", get(routes::ops::page))
-        .route("/metrics", get(render_metrics))
+    let (api, _) = api_router().split_for_parts();
+    api.layer(axum::Extension(routes::ops::Ops::shared()))
+        .merge(openapi::docs_router())
         .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             (
@@ -95,7 +107,16 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn render_metrics() -> String {
+/// `GET /metrics`: Prometheus metrics of this gateway.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Metrics in the Prometheus text format.", content_type = "text/plain", body = String),
+    ),
+)]
+pub async fn metrics() -> String {
     shared::metrics::install().render()
 }
 

@@ -181,20 +181,15 @@ async fn ops_page_in_headless_chromium() {
     assert!(archived, "the poison message was never archived");
 
     // The page is public, self-contained and holds no data.
-    let page = system
-        .client
-        .get(format!("{}/ops", system.base_url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(page.status(), StatusCode::OK);
+    let page = system.get("/ops", None).await;
+    assert_eq!(page.status, StatusCode::OK);
     assert!(
-        page.headers()[reqwest::header::CONTENT_TYPE]
+        page.headers[reqwest::header::CONTENT_TYPE]
             .to_str()
             .unwrap()
             .starts_with("text/html")
     );
-    let html = page.text().await.unwrap();
+    let html = page.body.as_str().expect("the page as text");
     assert!(html.contains("Wallet ops"));
     assert!(
         !html.contains("://"),

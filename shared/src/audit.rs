@@ -4,18 +4,19 @@
 use serde::Serialize;
 use sqlx::PgPool;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AuditCheck {
     pub name: &'static str,
     pub description: &'static str,
     pub passed: bool,
     /// Rows that break the invariant (0 when it passes).
     pub violations: i64,
-    /// Figures that support the verdict, in minor units.
+    /// Figures that support the verdict, in minor units (an object or a list, per check).
+    #[schema(value_type = Value)]
     pub figures: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AuditReport {
     pub passed: bool,
     pub checked_at: chrono::DateTime<chrono::Utc>,

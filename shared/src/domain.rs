@@ -2,6 +2,8 @@
 
 use uuid::Uuid;
 
+use crate::results::{ErrorBody, Inventory, Wallet, to_body};
+
 /// The premium currency.
 pub const GEMS: &str = "GEMS";
 
@@ -33,35 +35,45 @@ pub fn seed_inventory_field(asset: &str) -> Option<&'static str> {
 /// The seed-compatible view of a player's wallet, used by `GET /balance` and by every command
 /// result that reports the new balance, so the two never disagree in shape.
 /// `holdings` are (asset, balance) pairs; missing seed items count as zero.
+pub fn wallet_view(
+    username: &str,
+    referral_code: &str,
+    holdings: &[(String, i64)],
+    version: i64,
+) -> Wallet {
+    let mut inventory = Inventory::default();
+    let mut gems = 0;
+    for (asset, balance) in holdings {
+        match asset.as_str() {
+            GEMS => gems = *balance,
+            // The seed's two items have fields of their own (see `seed_inventory_field`).
+            "GOLD_COIN" => inventory.gold_coins = *balance,
+            "TREASURE_BOX" => inventory.treasure_boxes = *balance,
+            _ => {
+                inventory.other.insert(asset.to_lowercase(), *balance);
+            }
+        }
+    }
+    Wallet {
+        username: username.to_string(),
+        balance: gems,
+        referral_code: referral_code.to_string(),
+        inventory,
+        version,
+    }
+}
+
+/// [`wallet_view`] as JSON.
 pub fn balance_view(
     username: &str,
     referral_code: &str,
     holdings: &[(String, i64)],
     version: i64,
 ) -> serde_json::Value {
-    let mut inventory = serde_json::Map::new();
-    inventory.insert("goldCoins".to_string(), 0.into());
-    inventory.insert("treasureBoxes".to_string(), 0.into());
-    let mut gems = 0;
-    for (asset, balance) in holdings {
-        if asset == GEMS {
-            gems = *balance;
-        } else if let Some(field) = seed_inventory_field(asset) {
-            inventory.insert(field.to_string(), (*balance).into());
-        } else {
-            inventory.insert(asset.to_lowercase(), (*balance).into());
-        }
-    }
-    serde_json::json!({
-        "username": username,
-        "balance": gems,
-        "referralCode": referral_code,
-        "inventory": inventory,
-        "version": version,
-    })
+    to_body(&wallet_view(username, referral_code, holdings, version))
 }
 
 /// A JSON error body in the service's one error shape.
 pub fn error_body(code: &str, message: &str, request_id: Option<&str>) -> serde_json::Value {
-    serde_json::json!({ "error": message, "code": code, "request_id": request_id })
+    to_body(&ErrorBody::new(code, message, request_id))
 }

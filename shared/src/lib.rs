@@ -12,6 +12,7 @@ pub mod ids;
 pub mod metrics;
 pub mod ownership;
 pub mod partition;
+pub mod results;
 pub mod shutdown;
 pub mod telemetry;
 pub mod testing;

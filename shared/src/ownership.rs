@@ -12,15 +12,17 @@ pub const OWNERSHIP_LOCK_NAMESPACE: i32 = 0x5741_4C54; // "WALT"
 /// Prefix of the lock connection's application_name; what follows is the worker id.
 pub const OWNER_APPLICATION_PREFIX: &str = "wallet-worker/";
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct PartitionOwner {
     pub partition: i32,
     /// The owning worker's id, or None when no worker holds the partition.
+    #[schema(required = true)]
     pub owner: Option<String>,
+    #[schema(required = true)]
     pub owner_connected_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Ownership {
     pub partitions: Vec<PartitionOwner>,
     /// Workers whose lock connection is open, whether or not they own anything yet.

@@ -19,6 +19,10 @@ use shared::domain::{
 };
 use shared::ids;
 use shared::partition::partition_of;
+use shared::results::{
+    ErrorBody, Gift, GiftResult, GiftStatus, PurchaseResult, Purchased, ReferrerBonusResult,
+    ReversalResult, Reversed, SignupResult, Wallet, to_body,
+};
 use shared::wire::{COMMAND_VERSION, Command, CommandEnvelope, CommandReply};
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
@@ -89,10 +93,15 @@ impl Decision {
         required: i64,
         request_id: Option<&str>,
     ) -> Self {
-        let mut decision = Self::rejected(409, "insufficient_funds", message, request_id);
-        decision.body["balance"] = balance.into();
-        decision.body["required"] = required.into();
-        decision
+        Self {
+            outcome: "rejected",
+            status: 409,
+            body: to_body(&ErrorBody {
+                balance: Some(balance),
+                required: Some(required),
+                ..ErrorBody::new("insufficient_funds", message, request_id)
+            }),
+        }
     }
 
     fn rejected(status: u16, code: &str, message: &str, request_id: Option<&str>) -> Self {
@@ -190,7 +199,7 @@ impl Books {
         self.hot_accounts.get(&(owner, asset.to_string())).copied()
     }
 
-    fn view(&self, player: Uuid) -> Value {
+    fn view(&self, player: Uuid) -> Wallet {
         let (username, referral_code) = self
             .players
             .get(&player)
@@ -208,7 +217,7 @@ impl Books {
             .accounts
             .get(&(player, GEMS.to_string()))
             .map_or(0, |account| account.version);
-        domain::balance_view(&username, &referral_code, &holdings, version)
+        domain::wallet_view(&username, &referral_code, &holdings, version)
     }
 }
 
@@ -853,7 +862,10 @@ fn decide_signup(
             .outbox_payloads
             .push(serde_json::to_string(&follow_up).unwrap_or_default());
     }
-    Decision::applied(json!({ "userId": user_id, "status": "Created" }))
+    Decision::applied(to_body(&SignupResult {
+        user_id: *user_id,
+        status: "Created".to_string(),
+    }))
 }
 
 /// The treasury pays the player: a top-up or a bonus, told apart by the journal's kind.
@@ -902,7 +914,7 @@ fn decide_credit(
         &[(treasury, GEMS, -amount), (account, GEMS, amount)],
     );
     writes.hot_credit(treasury, -amount);
-    Decision::applied(books.view(player))
+    Decision::applied(to_body(&books.view(player)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -994,10 +1006,15 @@ fn decide_purchase(
     );
     writes.hot_credit(treasury, total);
     writes.hot_credit(shop, -quantity);
-    let mut body = books.view(player);
-    body["purchased"] =
-        json!({ "item": item_name, "quantity": quantity, "unitPrice": item.price, "total": total });
-    Decision::applied(body)
+    Decision::applied(to_body(&PurchaseResult {
+        wallet: books.view(player),
+        purchased: Purchased {
+            item: item_name.to_string(),
+            quantity,
+            unit_price: item.price,
+            total,
+        },
+    }))
 }
 
 /// The referrer's share of a referral bonus: a credit from the treasury, answered with who was
@@ -1022,7 +1039,11 @@ fn decide_referrer_bonus(
         request_id,
     );
     if decision.outcome == "applied" {
-        Decision::applied(json!({ "referrerId": referrer, "refereeId": referee, "amount": amount }))
+        Decision::applied(to_body(&ReferrerBonusResult {
+            referrer_id: referrer,
+            referee_id: referee,
+            amount,
+        }))
     } else {
         decision
     }
@@ -1243,9 +1264,16 @@ fn decide_gift(
     writes
         .outbox_payloads
         .push(serde_json::to_string(&delivery).unwrap_or_default());
-    let mut body = books.view(giver);
-    body["gift"] = json!({ "giftId": envelope.id, "receiverId": receiver, "asset": asset, "amount": amount, "status": "sent" });
-    Decision::applied(body)
+    Decision::applied(to_body(&GiftResult {
+        wallet: books.view(giver),
+        gift: Gift {
+            gift_id: envelope.id,
+            receiver_id: receiver,
+            asset: asset.to_string(),
+            amount,
+            status: GiftStatus::Sent,
+        },
+    }))
 }
 
 fn decide_gift_delivery(
@@ -1280,9 +1308,13 @@ fn decide_gift_delivery(
         &[(transit, asset, -amount), (account, asset, amount)],
     );
     writes.hot_credit(transit, -amount);
-    Decision::applied(
-        json!({ "giftId": gift_id, "receiverId": receiver, "asset": asset, "amount": amount, "status": "delivered" }),
-    )
+    Decision::applied(to_body(&Gift {
+        gift_id,
+        receiver_id: receiver,
+        asset: asset.to_string(),
+        amount,
+        status: GiftStatus::Delivered,
+    }))
 }
 
 fn decide_reversal(
@@ -1356,9 +1388,13 @@ fn decide_reversal(
         &postings,
     );
     writes.reversals.push((journal_id, command_id));
-    let mut body = books.view(player);
-    body["reversed"] = json!({ "journalId": journal_id, "kind": kind });
-    Decision::applied(body)
+    Decision::applied(to_body(&ReversalResult {
+        wallet: books.view(player),
+        reversed: Reversed {
+            journal_id,
+            kind: kind.to_string(),
+        },
+    }))
 }
 
 #[derive(Default)]

@@ -3,15 +3,18 @@
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use shared::ids;
+use shared::results::{ErrorBody, SignupResult};
 use shared::wire::Command;
 
 use crate::body::JsonBody;
 use crate::error::ApiError;
+use crate::openapi::{self, IdempotencyKeyHeader};
+use crate::routes::commands::CommandAccepted;
 use crate::routes::commands::{IdempotencyKey, submit};
 use crate::state::AppState;
+use utoipa::ToSchema;
 
 pub const USERNAME_LENGTH_MIN: usize = 3;
 pub const USERNAME_LENGTH_MAX: usize = 32;
@@ -20,19 +23,39 @@ pub const PASSWORD_LENGTH_MIN: usize = 8;
 pub const PASSWORD_LENGTH_MAX: usize = 256;
 pub const REFERRAL_CODE_LENGTH_MAX: usize = 32;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SignupBody {
+    /// 3 to 32 of letters, digits, `_`, `.` and `-`; unique regardless of case.
+    #[schema(min_length = 3, max_length = 32, pattern = "^[A-Za-z0-9_.-]+$")]
     username: String,
+    /// 8 to 256 characters.
+    #[schema(min_length = 8, max_length = 256)]
     password: String,
+    /// Another player's referral code (case-insensitive): both players get the referral bonus.
     #[serde(default)]
+    #[schema(max_length = 32)]
     referral_code: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct LoginBody {
     username: String,
     password: String,
+}
+
+/// A bearer token for the player endpoints.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoginResponse {
+    /// HS256 JWT; send it as `Authorization: Bearer <token>`.
+    pub token: String,
+    /// Always `Bearer`.
+    #[schema(example = "Bearer")]
+    pub token_type: &'static str,
+    /// Seconds until the token expires.
+    pub expires_in: u64,
+    pub user_id: uuid::Uuid,
 }
 
 fn validate_username(username: &str) -> Result<(), ApiError> {
@@ -74,8 +97,31 @@ pub fn referral_code_for(user_id: uuid::Uuid) -> String {
         .collect()
 }
 
-/// `POST /signup`: creates a player through the worker, so a signup with a referral code pays
-/// both bonuses exactly once whatever is retried.
+/// Create a player
+///
+/// Creates a player through the worker, so a signup with a referral code pays both bonuses
+/// exactly once whatever is retried.
+#[utoipa::path(
+    post,
+    path = "/signup",
+    tag = "seed",
+    params(IdempotencyKeyHeader),
+    request_body = SignupBody,
+    responses(
+        (status = 200, description = "The player was created (or this is the stored result of the same signup).", body = SignupResult, headers(
+            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
+            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
+            ("X-Command-Id" = uuid::Uuid, description = "The command's id."),
+        )),
+        (status = 202, response = CommandAccepted),
+        (status = 400, response = openapi::BadRequest),
+        (status = 409, description = "The username is taken, regardless of case (`username_taken`).", body = ErrorBody),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, description = "`invalid_username`, `invalid_password`, `unknown_referral_code`, `idempotency_key_reused`.", body = ErrorBody),
+        (status = 500, response = openapi::CommandFailed),
+        (status = 503, response = openapi::Unavailable),
+    ),
+)]
 pub async fn signup(
     State(state): State<AppState>,
     key: IdempotencyKey,
@@ -129,13 +175,29 @@ pub async fn signup(
     .await
 }
 
-/// `POST /login`: a token for a username and password; 401 for anything else, taking the same
-/// time whether or not the username exists.
+/// Log in
+///
+/// A token for a username (case-insensitive) and password; 401 for anything else, taking the
+/// same time whether or not the username exists.
+#[utoipa::path(
+    post,
+    path = "/login",
+    tag = "seed",
+    request_body = LoginBody,
+    responses(
+        (status = 200, description = "A token.", body = LoginResponse),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, description = "Wrong username or password (`unauthorized`).", body = ErrorBody),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 429, response = openapi::RateLimited),
+        (status = 503, response = openapi::Unavailable),
+    ),
+)]
 pub async fn login(
     State(state): State<AppState>,
     axum::extract::ConnectInfo(address): axum::extract::ConnectInfo<std::net::SocketAddr>,
     JsonBody(body): JsonBody<LoginBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<LoginResponse>, ApiError> {
     // Throttled per username and per client address before any password work is done.
     state
         .limits
@@ -160,10 +222,10 @@ pub async fn login(
         return Err(invalid());
     };
     let token = state.tokens.issue(id, &username, &role)?;
-    Ok(Json(json!({
-        "token": token,
-        "tokenType": "Bearer",
-        "expiresIn": state.tokens.ttl_seconds(),
-        "userId": id,
-    })))
+    Ok(Json(LoginResponse {
+        token,
+        token_type: "Bearer",
+        expires_in: state.tokens.ttl_seconds(),
+        user_id: id,
+    }))
 }

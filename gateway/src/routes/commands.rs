@@ -7,9 +7,12 @@ use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use shared::ids;
+use shared::results::ErrorBody;
 use shared::wire::{COMMAND_VERSION, Command, CommandEnvelope};
+use utoipa::{ToResponse, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Caller;
@@ -133,11 +136,78 @@ pub async fn submit_as(
             Ok((
                 StatusCode::ACCEPTED,
                 headers,
-                Json(json!({ "commandId": command_id, "status": "pending", "location": location })),
+                Json(Accepted {
+                    command_id,
+                    status: PendingStatus::Pending,
+                    location,
+                }),
             )
                 .into_response())
         }
     }
+}
+
+/// The body of a 202: the command is safe in the queue and will be applied; poll `location`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Accepted {
+    pub command_id: Uuid,
+    pub status: PendingStatus,
+    /// `/v1/commands/{commandId}`.
+    pub location: String,
+}
+
+/// A command that is accepted but whose result is not stored yet.
+#[derive(Serialize, ToSchema, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingStatus {
+    Pending,
+}
+
+/// The worker did not answer in time: the command is accepted, not lost, and will be applied;
+/// its status and result are at `Location`. A retry with the same Idempotency-Key is safe.
+#[derive(ToResponse)]
+#[response(headers(
+    ("Location" = String, description = "`/v1/commands/{id}`: poll it for the result."),
+    ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
+    ("X-Command-Id" = Uuid, description = "The command's id."),
+))]
+#[allow(dead_code)]
+pub struct CommandAccepted(Accepted);
+
+/// A command's status: its stored result, or pending.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum CommandStatus {
+    Stored(StoredStatus),
+    Pending(PendingCommandStatus),
+}
+
+/// A command whose result is stored.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredStatus {
+    pub command_id: Uuid,
+    /// `signup`, `top_up`, `bonus`, `purchase`, `gift`, `gift_delivery`, `reversal`,
+    /// `referrer_bonus`.
+    pub kind: String,
+    /// `applied` or `rejected`.
+    pub status: String,
+    /// The HTTP status the command answered with.
+    pub status_code: i16,
+    #[schema(schema_with = crate::openapi::command_result_schema)]
+    pub result: Value,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A command that was accepted (202) and whose result is not stored yet.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingCommandStatus {
+    pub command_id: Uuid,
+    pub kind: String,
+    pub status: PendingStatus,
+    pub accepted_at: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -150,12 +220,29 @@ struct StoredCommand {
     created_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// `GET /v1/commands/{id}`: the owner (or an admin) sees the command's status and result.
+/// Status and result of a command
+///
+/// The command's owner (the player or API key that sent it, or the player a signup created) or
+/// an admin sees it; to anyone else it does not exist.
+#[utoipa::path(
+    get,
+    path = "/v1/commands/{id}",
+    tag = "commands",
+    params(("id" = String, Path, description = "The command id (`X-Command-Id`, or the end of a 202's `Location`).")),
+    responses(
+        (status = 200, description = "The stored result, or pending.", body = CommandStatus),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, description = "No such command, or not the caller's (`unknown_command`).", body = ErrorBody),
+        (status = 429, response = crate::openapi::RateLimited),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+    security(("playerToken" = []), ("apiKey" = [])),
+)]
 pub async fn command_status(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CommandStatus>, ApiError> {
     let not_found = || ApiError::not_found("unknown_command", "no such command");
     let id: Uuid = id.parse().map_err(|_| not_found())?;
     let (owners, is_admin) = match &caller {
@@ -178,9 +265,13 @@ pub async fn command_status(
         if !is_admin && !owners.contains(&stored.principal) {
             return Err(not_found());
         }
-        return Ok(Json(json!({
-            "commandId": id, "kind": stored.kind, "status": stored.outcome,
-            "statusCode": stored.status_code, "result": stored.body.0, "createdAt": stored.created_at,
+        return Ok(Json(CommandStatus::Stored(StoredStatus {
+            command_id: id,
+            kind: stored.kind,
+            status: stored.outcome,
+            status_code: stored.status_code,
+            result: stored.body.0,
+            created_at: stored.created_at,
         })));
     }
     let receipt: Option<(String, String, chrono::DateTime<chrono::Utc>)> =
@@ -189,9 +280,14 @@ pub async fn command_status(
             .fetch_optional(&state.pool)
             .await?;
     match receipt {
-        Some((owner, kind, created_at)) if is_admin || owners.contains(&owner) => Ok(Json(
-            json!({ "commandId": id, "kind": kind, "status": "pending", "acceptedAt": created_at }),
-        )),
+        Some((owner, kind, created_at)) if is_admin || owners.contains(&owner) => {
+            Ok(Json(CommandStatus::Pending(PendingCommandStatus {
+                command_id: id,
+                kind,
+                status: PendingStatus::Pending,
+                accepted_at: created_at,
+            })))
+        }
         _ => Err(not_found()),
     }
 }

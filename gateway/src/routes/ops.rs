@@ -13,10 +13,9 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::header;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{MethodRouter, get};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde::Serialize;
@@ -55,7 +54,18 @@ const SAMPLES_MAX: usize = 128;
 /// The gateway's request latency histogram (see `track_metrics` in lib.rs).
 const LATENCY_HISTOGRAM: &str = "wallet_http_request_seconds";
 
-/// `GET /ops`: the page. Public: it holds no data, everything comes from admin endpoints.
+/// The operator's page
+///
+/// One self-contained HTML page (no external assets). Public: it holds no data, it logs in and
+/// polls the admin endpoints.
+#[utoipa::path(
+    get,
+    path = "/ops",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The ops page.", content_type = "text/html", body = String),
+    ),
+)]
 pub async fn page() -> impl IntoResponse {
     (
         [
@@ -72,19 +82,44 @@ pub async fn page() -> impl IntoResponse {
     )
 }
 
-/// `GET /v1/admin/overview` with its own sampling state (one per application).
-pub fn overview() -> MethodRouter<AppState> {
-    let ops = Arc::new(Ops::default());
-    get(move |State(state): State<AppState>, admin: Admin| {
-        let ops = Arc::clone(&ops);
-        async move { overview_handler(&ops, state, admin).await }
-    })
+/// What the ops page shows
+///
+/// Queue depths, commands per second, request latency, hot account balances with their unfolded
+/// credits (the treasury lag), dead-letter counts and the last audit. Sampled at most once a
+/// second whatever the number of callers; a part that cannot be read carries an `error` instead
+/// of `data`, and the rest is still there.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/overview",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The overview.", body = Overview),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 429, response = crate::openapi::RateLimited),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+    security(("playerToken" = []), ("apiKey" = ["admin"])),
+)]
+pub async fn overview(
+    State(state): State<AppState>,
+    Extension(ops): Extension<Arc<Ops>>,
+    admin: Admin,
+) -> Result<Response, ApiError> {
+    overview_handler(&ops, state, admin).await
 }
 
+/// The overview's sampling state, one per application.
 #[derive(Default)]
-struct Ops {
+pub struct Ops {
     sampler: Mutex<Sampler>,
     audit: Arc<StdMutex<AuditState>>,
+}
+
+impl Ops {
+    pub fn shared() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
 }
 
 #[derive(Default)]
@@ -110,9 +145,9 @@ struct AuditState {
     running: Option<Instant>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Overview {
+pub struct Overview {
     generated_at: chrono::DateTime<chrono::Utc>,
     partitions: u16,
     queues: Section<Vec<QueueDepth>>,
@@ -124,9 +159,9 @@ struct Overview {
 }
 
 /// One part of the overview: its data, or why it is missing (the rest is still shown).
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Section<T> {
+pub struct Section<T> {
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<T>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -148,64 +183,76 @@ impl<T> Section<T> {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct QueueDepth {
+pub struct QueueDepth {
     name: String,
     /// "partition", "treasury" or "dead_letters".
     kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     partition: Option<u16>,
     /// None when the queue does not exist (not declared yet, or expired).
+    #[schema(required = true)]
     messages: Option<u32>,
+    #[schema(required = true)]
     consumers: Option<u32>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Throughput {
+pub struct Throughput {
     /// Command results stored per second over `window_seconds`; None until two samples exist.
+    #[schema(required = true)]
     commands_per_second: Option<f64>,
+    #[schema(required = true)]
     window_seconds: Option<f64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Latency {
+pub struct Latency {
     /// Command requests (signup, top-up, purchase, bonus, ...) answered in the window.
     requests: u64,
     /// None: since the gateway started (no earlier sample yet).
+    #[schema(required = true)]
     window_seconds: Option<f64>,
+    #[schema(required = true)]
     p50_ms: Option<f64>,
+    #[schema(required = true)]
     p95_ms: Option<f64>,
+    #[schema(required = true)]
     p99_ms: Option<f64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct HotAccount {
+pub struct HotAccount {
     owner: String,
     asset: String,
     /// The cached balance, which lags its postings by the unfolded credits.
     balance: i64,
     unfolded_credits: i64,
     unfolded_count: i64,
+    #[schema(required = true)]
     oldest_unfolded_seconds: Option<f64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct DeadLetterCounts {
+pub struct DeadLetterCounts {
     total: i64,
     not_replayed: i64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct AuditView {
+pub struct AuditView {
+    #[schema(required = true)]
     report: Option<Arc<AuditReport>>,
+    #[schema(required = true)]
     age_seconds: Option<f64>,
     running: bool,
+    #[schema(required = true)]
     error: Option<String>,
     interval_seconds: u64,
 }

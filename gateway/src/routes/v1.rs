@@ -1,17 +1,22 @@
 //! The versioned API for game backends (API keys with scopes) and players (their own wallet).
 
+use std::collections::BTreeMap;
+
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::response::Response;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shared::results::{ErrorBody, GiftResult, PurchaseResult, ReversalResult, Wallet};
 use shared::wire::Command;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::body::JsonBody;
+use crate::body::{JsonBody, QueryParams};
 use crate::error::ApiError;
-use crate::routes::commands::{IdempotencyKey, submit};
+use crate::openapi::{self, IdempotencyKeyHeader};
+use crate::routes::commands::{CommandAccepted, IdempotencyKey, submit};
 use crate::routes::wallet::{
     PurchaseBody, TopUpBody, submit_purchase, submit_top_up, valid_amount,
 };
@@ -35,7 +40,35 @@ fn player_id(caller: &Caller, player: &str) -> Result<Uuid, ApiError> {
     }
 }
 
-/// `POST /v1/players/{player}/top-up` (scope `wallet:credit`, or the player).
+/// Top up a player's GEMS
+///
+/// The treasury pays the player. API keys need `wallet:credit`; a player may top up their own
+/// wallet.
+#[utoipa::path(
+    post,
+    path = "/v1/players/{player}/top-up",
+    tag = "wallet",
+    params(("player" = String, Path, description = "A player id, or `me` for the calling player (players only)."), IdempotencyKeyHeader),
+    request_body = TopUpBody,
+    responses(
+        (status = 200, description = "The player's new wallet.", body = Wallet, headers(
+            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
+            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
+            ("X-Command-Id" = Uuid, description = "The command's id (the journal entry's id)."),
+        )),
+        (status = 202, response = CommandAccepted),
+        (status = 400, description = "The body is not valid JSON for this endpoint, the Idempotency-Key is malformed, or an API key named the player `me` (`invalid_body`).", body = ErrorBody),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, description = "No such player (`unknown_player`).", body = ErrorBody),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, description = "`invalid_amount`, `balance_limit_exceeded`, `idempotency_key_reused`.", body = ErrorBody),
+        (status = 429, response = openapi::RateLimited),
+        (status = 500, response = openapi::CommandFailed),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("playerToken" = []), ("apiKey" = ["wallet:credit"])),
+)]
 pub async fn top_up(
     State(state): State<AppState>,
     caller: Caller,
@@ -48,14 +81,46 @@ pub async fn top_up(
     submit_top_up(&state, caller.command_principal(), player_id, key, body).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct BonusBody {
+    /// GEMS to grant: a whole number from 1 to `TOP_UP_MAX`; a string of digits is accepted too.
+    #[schema(value_type = i64, minimum = 1, required = true)]
     amount: Option<Value>,
+    /// Why, kept in the journal entry (at most 200 characters).
     #[serde(default)]
+    #[schema(max_length = 200)]
     reason: Option<String>,
 }
 
-/// `POST /v1/players/{player}/bonus` (API keys with `wallet:credit` only).
+/// Grant a player a bonus
+///
+/// The treasury pays the player. API keys with `wallet:credit` only: players cannot grant
+/// themselves bonuses.
+#[utoipa::path(
+    post,
+    path = "/v1/players/{player}/bonus",
+    tag = "wallet",
+    params(("player" = Uuid, Path, description = "The player id."), IdempotencyKeyHeader),
+    request_body = BonusBody,
+    responses(
+        (status = 200, description = "The player's new wallet.", body = Wallet, headers(
+            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
+            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
+            ("X-Command-Id" = Uuid, description = "The command's id (the journal entry's id)."),
+        )),
+        (status = 202, response = CommandAccepted),
+        (status = 400, description = "The body is not valid JSON for this endpoint, the Idempotency-Key is malformed, or an API key named the player `me` (`invalid_body`).", body = ErrorBody),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, description = "No such player (`unknown_player`).", body = ErrorBody),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, description = "`invalid_amount`, `invalid_reason`, `balance_limit_exceeded`, `idempotency_key_reused`.", body = ErrorBody),
+        (status = 429, response = openapi::RateLimited),
+        (status = 500, response = openapi::CommandFailed),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("apiKey" = ["wallet:credit"])),
+)]
 pub async fn grant_bonus(
     State(state): State<AppState>,
     caller: Caller,
@@ -88,7 +153,36 @@ pub async fn grant_bonus(
     .await
 }
 
-/// `POST /v1/players/{player}/purchase` (scope `wallet:debit`, or the player).
+/// Buy an item for a player
+///
+/// The player pays the catalog price in GEMS and receives the item. API keys need
+/// `wallet:debit`; a player may buy for their own wallet.
+#[utoipa::path(
+    post,
+    path = "/v1/players/{player}/purchase",
+    tag = "wallet",
+    params(("player" = String, Path, description = "A player id, or `me` for the calling player (players only)."), IdempotencyKeyHeader),
+    request_body = PurchaseBody,
+    responses(
+        (status = 200, description = "The player's new wallet and what was bought.", body = PurchaseResult, headers(
+            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
+            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
+            ("X-Command-Id" = Uuid, description = "The command's id (the journal entry's id)."),
+        )),
+        (status = 202, response = CommandAccepted),
+        (status = 400, description = "The body is not valid JSON for this endpoint, the Idempotency-Key is malformed, or an API key named the player `me` (`invalid_body`).", body = ErrorBody),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, description = "No such player (`unknown_player`).", body = ErrorBody),
+        (status = 409, description = "Not enough GEMS (`insufficient_funds`, with `balance` and `required`); nothing moved.", body = ErrorBody),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, description = "`unknown_item`, `invalid_quantity`, `balance_limit_exceeded`, `idempotency_key_reused`.", body = ErrorBody),
+        (status = 429, response = openapi::RateLimited),
+        (status = 500, response = openapi::CommandFailed),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("playerToken" = []), ("apiKey" = ["wallet:debit"])),
+)]
 pub async fn purchase(
     State(state): State<AppState>,
     caller: Caller,
@@ -104,12 +198,42 @@ pub async fn purchase(
 /// A player's name with one account's asset, balance and version (none without accounts).
 type BalanceRow = (String, Option<String>, Option<i64>, Option<i64>);
 
-/// `GET /v1/players/{player}/balances` (scope `wallet:read`, or the player): every asset.
+/// Every asset a player holds.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlayerBalances {
+    pub player_id: Uuid,
+    pub username: String,
+    /// Balance per asset (`GEMS` always, then every asset the player has an account in).
+    pub balances: BTreeMap<String, i64>,
+    /// Version per asset account: grows by one with every change of its balance.
+    pub versions: BTreeMap<String, i64>,
+}
+
+/// A player's balances of every asset
+///
+/// API keys need `wallet:read`; a player may read their own.
+#[utoipa::path(
+    get,
+    path = "/v1/players/{player}/balances",
+    tag = "wallet",
+    params(("player" = String, Path, description = "A player id, or `me` for the calling player (players only).")),
+    responses(
+        (status = 200, description = "The balances.", body = PlayerBalances),
+        (status = 400, description = "An API key named the player `me` (`invalid_body`).", body = ErrorBody),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, description = "No such player (`unknown_player`).", body = ErrorBody),
+        (status = 429, response = openapi::RateLimited),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("playerToken" = []), ("apiKey" = ["wallet:read"])),
+)]
 pub async fn balances(
     State(state): State<AppState>,
     caller: Caller,
     Path(player): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PlayerBalances>, ApiError> {
     let player_id = player_id(&caller, &player)?;
     caller.authorize(player_id, "wallet:read")?;
     let rows: Vec<BalanceRow> = sqlx::query_as(
@@ -123,29 +247,37 @@ pub async fn balances(
     let Some((username, ..)) = rows.first().cloned() else {
         return Err(ApiError::not_found("unknown_player", "no such player"));
     };
-    let mut balances = serde_json::Map::new();
-    balances.insert(shared::domain::GEMS.to_string(), 0.into());
-    let mut versions = serde_json::Map::new();
+    let mut balances = BTreeMap::from([(shared::domain::GEMS.to_string(), 0)]);
+    let mut versions = BTreeMap::new();
     for (_, asset, balance, version) in rows {
         if let (Some(asset), Some(balance), Some(version)) = (asset, balance, version) {
-            balances.insert(asset.clone(), balance.into());
-            versions.insert(asset, version.into());
+            balances.insert(asset.clone(), balance);
+            versions.insert(asset, version);
         }
     }
-    Ok(Json(
-        json!({ "playerId": player_id, "username": username, "balances": balances, "versions": versions }),
-    ))
+    Ok(Json(PlayerBalances {
+        player_id,
+        username,
+        balances,
+        versions,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
+    /// Entries per page, 1 to 100 (default 50).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
     /// The `nextCursor` of the previous page.
     #[serde(default)]
     cursor: Option<String>,
+    /// Only postings of this asset (case-insensitive): `GEMS`, `GOLD_COIN`, ...
     #[serde(default)]
     asset: Option<String>,
+    /// Only journal entries of this kind: `top_up`, `bonus`, `purchase`, `gift`,
+    /// `gift_delivery`, `referral_bonus`, `reversal`.
     #[serde(default)]
     kind: Option<String>,
     /// RFC 3339; entries at or after this instant.
@@ -167,14 +299,60 @@ struct HistoryRow {
     details: sqlx::types::Json<Value>,
 }
 
-/// `GET /v1/players/{player}/history` (scope `wallet:read`, or the player): the player's
-/// postings with their journal entries, newest first, with cursor pagination and filters.
+/// One posting of the player's, with its journal entry.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    /// The journal entry (= the command's id).
+    pub journal_id: Uuid,
+    /// `top_up`, `bonus`, `purchase`, `gift`, `gift_delivery`, `referral_bonus`, `reversal`.
+    pub kind: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub asset: String,
+    /// Signed: positive when the player received, negative when they paid.
+    pub amount: i64,
+    /// What the entry records, per kind (a purchase's `item`, `quantity`, `unit_price`, ...).
+    #[schema(value_type = Object)]
+    pub details: Value,
+}
+
+/// A page of history, newest first.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryPage {
+    pub entries: Vec<HistoryEntry>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    #[schema(required = true)]
+    pub next_cursor: Option<String>,
+}
+
+/// A player's history
+///
+/// The player's postings with their journal entries, newest first, with cursor pagination and
+/// filters. API keys need `wallet:read`; a player may read their own.
+#[utoipa::path(
+    get,
+    path = "/v1/players/{player}/history",
+    tag = "wallet",
+    params(("player" = String, Path, description = "A player id, or `me` for the calling player (players only)."), HistoryQuery),
+    responses(
+        (status = 200, description = "A page of history.", body = HistoryPage),
+        (status = 400, description = "A malformed query parameter (`from`, `to`, `limit`), or an API key named the player `me` (`invalid_body`).", body = ErrorBody),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, description = "Malformed player id (`unknown_player`).", body = ErrorBody),
+        (status = 422, description = "`invalid_limit`, `invalid_cursor`.", body = ErrorBody),
+        (status = 429, response = openapi::RateLimited),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("playerToken" = []), ("apiKey" = ["wallet:read"])),
+)]
 pub async fn history(
     State(state): State<AppState>,
     caller: Caller,
     Path(player): Path<String>,
-    Query(query): Query<HistoryQuery>,
-) -> Result<Json<Value>, ApiError> {
+    QueryParams(query): QueryParams<HistoryQuery>,
+) -> Result<Json<HistoryPage>, ApiError> {
     let player_id = player_id(&caller, &player)?;
     caller.authorize(player_id, "wallet:read")?;
     let limit = query.limit.unwrap_or(50);
@@ -222,49 +400,132 @@ pub async fn history(
     let next_cursor = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|row| row.posting_id.to_string()))
         .flatten();
-    let entries: Vec<Value> = rows
+    let entries = rows
         .into_iter()
-        .map(|row| {
-            json!({
-                "journalId": row.journal_id, "kind": row.kind, "createdAt": row.created_at,
-                "asset": row.asset, "amount": row.amount, "details": row.details.0,
-            })
+        .map(|row| HistoryEntry {
+            journal_id: row.journal_id,
+            kind: row.kind,
+            created_at: row.created_at,
+            asset: row.asset,
+            amount: row.amount,
+            details: row.details.0,
         })
         .collect();
-    Ok(Json(
-        json!({ "entries": entries, "nextCursor": next_cursor }),
-    ))
+    Ok(Json(HistoryPage {
+        entries,
+        next_cursor,
+    }))
 }
 
-/// `GET /v1/catalog`: the items the shop sells, with their prices.
-pub async fn catalog(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// An item the shop sells.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CatalogItem {
+    /// Catalog name (`gold_coin`).
+    pub item: String,
+    /// The asset the buyer receives (`GOLD_COIN`).
+    pub asset: String,
+    /// The asset the price is paid in (`GEMS`).
+    pub price_asset: String,
+    pub price: i64,
+}
+
+/// The items the shop sells.
+#[derive(Serialize, ToSchema)]
+pub struct Catalog {
+    pub items: Vec<CatalogItem>,
+}
+
+/// An item of the catalog, active or retired.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CatalogEntry {
+    pub item: String,
+    pub asset: String,
+    pub price_asset: String,
+    pub price: i64,
+    /// False once retired: it can no longer be bought.
+    pub active: bool,
+}
+
+/// The shop's catalog
+///
+/// The items the shop sells, with their prices. Public.
+#[utoipa::path(
+    get,
+    path = "/v1/catalog",
+    tag = "catalog",
+    responses(
+        (status = 200, description = "The active items, by name.", body = Catalog),
+        (status = 503, response = openapi::Unavailable),
+    ),
+)]
+pub async fn catalog(State(state): State<AppState>) -> Result<Json<Catalog>, ApiError> {
     let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
         "SELECT item, asset, price_asset, price FROM items WHERE active ORDER BY item",
     )
     .fetch_all(&state.pool)
     .await?;
-    let items: Vec<Value> = rows
+    let items = rows
         .into_iter()
-        .map(|(item, asset, price_asset, price)| json!({ "item": item, "asset": asset, "priceAsset": price_asset, "price": price }))
+        .map(|(item, asset, price_asset, price)| CatalogItem {
+            item,
+            asset,
+            price_asset,
+            price,
+        })
         .collect();
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(Catalog { items }))
 }
 
 /// Largest amount one gift may move.
 pub const GIFT_AMOUNT_MAX: i64 = 1_000_000_000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GiftBody {
+    /// Another existing player's id.
+    #[schema(value_type = Uuid, required = true)]
     receiver_id: Option<String>,
+    /// `GEMS` (default) or an item asset such as `GOLD_COIN` (case-insensitive).
     #[serde(default)]
     asset: Option<String>,
+    /// A whole number from 1 to 1,000,000,000; a string of digits is accepted too.
+    #[schema(value_type = i64, minimum = 1, maximum = 1_000_000_000, required = true)]
     amount: Option<Value>,
 }
 
-/// `POST /v1/players/{player}/gifts` (scope `wallet:debit`, or the player): gives GEMS or items
-/// to another player. Atomic for the giver; the receiver gets it through a follow-up command in
-/// the receiver's partition (usually within milliseconds).
+/// Give GEMS or items to another player
+///
+/// Atomic for the giver; the receiver gets it through a follow-up command in the receiver's
+/// partition (usually within milliseconds). API keys need `wallet:debit`; a player may give from
+/// their own wallet.
+#[utoipa::path(
+    post,
+    path = "/v1/players/{player}/gifts",
+    tag = "wallet",
+    params(("player" = String, Path, description = "A player id, or `me` for the calling player (players only)."), IdempotencyKeyHeader),
+    request_body = GiftBody,
+    responses(
+        (status = 200, description = "The giver's new wallet and the gift, on its way.", body = GiftResult, headers(
+            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
+            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
+            ("X-Command-Id" = Uuid, description = "The command's id (the journal entry's id)."),
+        )),
+        (status = 202, response = CommandAccepted),
+        (status = 400, description = "The body is not valid JSON for this endpoint, the Idempotency-Key is malformed, or an API key named the player `me` (`invalid_body`).", body = ErrorBody),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, description = "No such giver (`unknown_player`).", body = ErrorBody),
+        (status = 409, description = "The giver does not hold enough (`insufficient_funds`, with `balance` and `required`); nothing moved.", body = ErrorBody),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, description = "`invalid_receiver` (not another existing player), `unknown_asset`, `invalid_amount`, `idempotency_key_reused`.", body = ErrorBody),
+        (status = 429, response = openapi::RateLimited),
+        (status = 500, response = openapi::CommandFailed),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("playerToken" = []), ("apiKey" = ["wallet:debit"])),
+)]
 pub async fn gift(
     State(state): State<AppState>,
     caller: Caller,
@@ -320,9 +581,35 @@ pub async fn gift(
     .await
 }
 
-/// `POST /v1/journal/{journal}/reverse` (admins): reverses a top-up, bonus, purchase or referral
-/// share. Happens at most once per journal entry whoever asks; 409 when the player no longer
-/// holds what it would take back.
+/// Reverse a journal entry
+///
+/// Reverses a top-up, bonus, purchase or referral share of one player (admins only). Happens at
+/// most once per journal entry whoever asks and whatever the Idempotency-Key: a second request
+/// gets the stored result.
+#[utoipa::path(
+    post,
+    path = "/v1/journal/{journal}/reverse",
+    tag = "admin",
+    params(("journal" = Uuid, Path, description = "The journal entry (the id of the command that wrote it)."), IdempotencyKeyHeader),
+    responses(
+        (status = 200, description = "The player's new wallet and the entry reversed.", body = ReversalResult, headers(
+            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
+            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
+            ("X-Command-Id" = Uuid, description = "The command's id (the journal entry's id)."),
+        )),
+        (status = 202, response = CommandAccepted),
+        (status = 400, description = "The Idempotency-Key is malformed (`invalid_body`).", body = ErrorBody),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, description = "No such journal entry (`unknown_journal`).", body = ErrorBody),
+        (status = 409, description = "The player no longer holds what the reversal would take back (`insufficient_funds`, with `balance`, `required` and `asset`), or the entry was already reversed (`already_reversed`).", body = ErrorBody),
+        (status = 422, description = "This entry cannot be reversed (`not_reversible`: a reversal, a gift, the genesis), `balance_limit_exceeded`.", body = ErrorBody),
+        (status = 429, response = openapi::RateLimited),
+        (status = 500, response = openapi::CommandFailed),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("playerToken" = []), ("apiKey" = ["admin"])),
+)]
 pub async fn reverse(
     State(state): State<AppState>,
     admin: crate::auth::Admin,
@@ -376,11 +663,17 @@ pub async fn reverse(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewItem {
+    /// 1 to 32 of a-z, 0-9 and `_`, starting with a letter (`Magic Sword` becomes
+    /// `magic_sword`).
+    #[schema(example = "magic_sword")]
     item: String,
+    /// A whole number from 1 to 1,000,000,000; a string of digits is accepted too.
+    #[schema(value_type = i64, minimum = 1, maximum = 1_000_000_000)]
     price: Value,
+    /// An existing asset (default `GEMS`).
     #[serde(default)]
     price_asset: Option<String>,
 }
@@ -414,13 +707,33 @@ fn valid_price(price: &Value) -> Result<i64, ApiError> {
     })
 }
 
-/// `POST /v1/catalog` (scope `catalog:write`): adds an item; its asset and the system accounts
-/// that issue it are created with it.
+/// Add an item to the catalog
+///
+/// The item's asset and the system accounts that issue it are created with it. API keys with
+/// `catalog:write` only.
+#[utoipa::path(
+    post,
+    path = "/v1/catalog",
+    tag = "catalog",
+    request_body = NewItem,
+    responses(
+        (status = 201, description = "The new item.", body = CatalogEntry),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 409, description = "The item already exists (`item_exists`).", body = ErrorBody),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, description = "`invalid_item`, `invalid_price`, `unknown_asset` (the price asset).", body = ErrorBody),
+        (status = 429, response = openapi::RateLimited),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("apiKey" = ["catalog:write"])),
+)]
 pub async fn add_item(
     State(state): State<AppState>,
     caller: Caller,
     JsonBody(body): JsonBody<NewItem>,
-) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+) -> Result<(axum::http::StatusCode, Json<CatalogEntry>), ApiError> {
     caller.require_key_scope("catalog:write")?;
     let item = valid_item_name(&body.item)?;
     let price = valid_price(&body.price)?;
@@ -474,28 +787,55 @@ pub async fn add_item(
     transaction.commit().await?;
     Ok((
         axum::http::StatusCode::CREATED,
-        Json(
-            json!({ "item": item, "asset": asset, "priceAsset": price_asset, "price": price, "active": true }),
-        ),
+        Json(CatalogEntry {
+            item,
+            asset,
+            price_asset,
+            price,
+            active: true,
+        }),
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct ItemChange {
+    /// A new price, a whole number from 1 to 1,000,000,000; a string of digits is accepted too.
     #[serde(default)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 1_000_000_000)]
     price: Option<Value>,
+    /// False retires the item (it can no longer be bought), true restores it.
     #[serde(default)]
     active: Option<bool>,
 }
 
-/// `PATCH /v1/catalog/{item}` (scope `catalog:write`): changes the price or retires (or
-/// restores) an item. Journal entries keep the prices they were applied with.
+/// Change an item's price, or retire or restore it
+///
+/// Journal entries keep the prices they were applied with. API keys with `catalog:write` only.
+#[utoipa::path(
+    patch,
+    path = "/v1/catalog/{item}",
+    tag = "catalog",
+    params(("item" = String, Path, description = "The item's catalog name.")),
+    request_body = ItemChange,
+    responses(
+        (status = 200, description = "The item as it is now.", body = CatalogEntry),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, description = "The shop has no such item (`unknown_item`).", body = ErrorBody),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, description = "`invalid_item`, `invalid_price`.", body = ErrorBody),
+        (status = 429, response = openapi::RateLimited),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("apiKey" = ["catalog:write"])),
+)]
 pub async fn change_item(
     State(state): State<AppState>,
     caller: Caller,
     Path(item): Path<String>,
     JsonBody(body): JsonBody<ItemChange>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CatalogEntry>, ApiError> {
     caller.require_key_scope("catalog:write")?;
     let item = valid_item_name(&item)?;
     let price = body.price.as_ref().map(valid_price).transpose()?;
@@ -514,7 +854,11 @@ pub async fn change_item(
             "the shop has no such item",
         ));
     };
-    Ok(Json(
-        json!({ "item": item, "asset": asset, "priceAsset": price_asset, "price": price, "active": active }),
-    ))
+    Ok(Json(CatalogEntry {
+        item,
+        asset,
+        price_asset,
+        price,
+        active,
+    }))
 }

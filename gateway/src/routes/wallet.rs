@@ -5,23 +5,41 @@ use axum::extract::State;
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::Value;
-use shared::domain::{PURCHASE_QUANTITY_MAX, balance_view};
+use shared::domain::{PURCHASE_QUANTITY_MAX, wallet_view};
+use shared::results::{ErrorBody, PurchaseResult, Wallet};
 use shared::wire::Command;
+use utoipa::ToSchema;
 
 use crate::auth::Principal;
 use crate::body::JsonBody;
 use crate::error::ApiError;
-use crate::routes::commands::{IdempotencyKey, submit};
+use crate::openapi::{self, IdempotencyKeyHeader};
+use crate::routes::commands::{CommandAccepted, IdempotencyKey, submit};
 use crate::state::AppState;
 
 /// A player's name and code with one of their accounts (none for a player without accounts).
 type HoldingRow = (String, String, Option<String>, Option<i64>, Option<i64>);
 
-/// `GET /balance`: read straight from PostgreSQL.
+/// The calling player's wallet
+///
+/// GEMS balance, items and referral code, read straight from PostgreSQL.
+#[utoipa::path(
+    get,
+    path = "/balance",
+    tag = "seed",
+    responses(
+        (status = 200, description = "The wallet.", body = Wallet),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, description = "The token's player does not exist (`unknown_player`).", body = ErrorBody),
+        (status = 429, response = openapi::RateLimited),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("playerToken" = [])),
+)]
 pub async fn balance(
     State(state): State<AppState>,
     principal: Principal,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Wallet>, ApiError> {
     let rows: Vec<HoldingRow> = sqlx::query_as(
         "SELECT u.username, u.referral_code, a.asset, a.balance, a.version
          FROM users u LEFT JOIN accounts a ON a.owner_id = u.id
@@ -43,7 +61,7 @@ pub async fn balance(
             holdings.push((asset, balance));
         }
     }
-    Ok(Json(balance_view(
+    Ok(Json(wallet_view(
         &username,
         &referral_code,
         &holdings,
@@ -51,15 +69,23 @@ pub async fn balance(
     )))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct TopUpBody {
+    /// GEMS to credit: a whole number from 1 to the configured `TOP_UP_MAX` (1,000,000 by
+    /// default); a string of digits is accepted too.
+    #[schema(value_type = i64, minimum = 1, required = true)]
     pub amount: Option<Value>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct PurchaseBody {
+    /// A catalog item: `gold_coin`, `GOLD_COIN`, `goldCoin` and `Gold Coin` all name
+    /// `gold_coin`.
+    #[schema(required = true, max_length = 32, example = "gold_coin")]
     pub item: Option<String>,
+    /// How many, 1 to 1,000 (default 1); a string of digits is accepted too.
     #[serde(default)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 1000)]
     pub quantity: Option<Value>,
 }
 
@@ -97,7 +123,33 @@ pub fn normalize_item(item: &str) -> String {
     normalized
 }
 
-/// `POST /top-up`: the treasury pays the player, up to the configured limit per request.
+/// Top up the calling player's GEMS
+///
+/// The treasury pays the player, up to the configured limit per request.
+#[utoipa::path(
+    post,
+    path = "/top-up",
+    tag = "seed",
+    params(IdempotencyKeyHeader),
+    request_body = TopUpBody,
+    responses(
+        (status = 200, description = "The new wallet.", body = Wallet, headers(
+            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
+            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
+            ("X-Command-Id" = uuid::Uuid, description = "The command's id (the journal entry's id)."),
+        )),
+        (status = 202, response = CommandAccepted),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, description = "The token's player does not exist (`unknown_player`).", body = ErrorBody),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, description = "`invalid_amount`, `balance_limit_exceeded`, `idempotency_key_reused`.", body = ErrorBody),
+        (status = 429, response = openapi::RateLimited),
+        (status = 500, response = openapi::CommandFailed),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("playerToken" = [])),
+)]
 pub async fn top_up(
     State(state): State<AppState>,
     principal: Principal,
@@ -140,7 +192,34 @@ pub fn valid_amount(state: &AppState, amount: Option<&Value>) -> Result<i64, Api
         })
 }
 
-/// `POST /purchase`: buys `quantity` (default 1) of an item from the shop.
+/// Buy an item
+///
+/// Buys `quantity` (default 1) of an item from the shop at its catalog price.
+#[utoipa::path(
+    post,
+    path = "/purchase",
+    tag = "seed",
+    params(IdempotencyKeyHeader),
+    request_body = PurchaseBody,
+    responses(
+        (status = 200, description = "The new wallet and what was bought.", body = PurchaseResult, headers(
+            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
+            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
+            ("X-Command-Id" = uuid::Uuid, description = "The command's id (the journal entry's id)."),
+        )),
+        (status = 202, response = CommandAccepted),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, description = "The token's player does not exist (`unknown_player`).", body = ErrorBody),
+        (status = 409, description = "Not enough GEMS (`insufficient_funds`, with `balance` and `required`); nothing moved.", body = ErrorBody),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, description = "`unknown_item`, `invalid_quantity`, `balance_limit_exceeded`, `idempotency_key_reused`.", body = ErrorBody),
+        (status = 429, response = openapi::RateLimited),
+        (status = 500, response = openapi::CommandFailed),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("playerToken" = [])),
+)]
 pub async fn purchase(
     State(state): State<AppState>,
     principal: Principal,

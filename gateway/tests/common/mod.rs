@@ -1,8 +1,15 @@
 //! A whole system per test: its own database and queue prefix on the real PostgreSQL and
 //! RabbitMQ, with the gateway, a worker and the treasury running in-process.
+//!
+//! Every request made through `TestSystem` (`request`, `get`, `post`, `send`, and the helpers
+//! built on them) is recorded, and `finish()` validates every recorded response against the
+//! OpenAPI document the running gateway serves (see `openapi_check`).
 
 #![allow(dead_code)]
 
+pub mod openapi_check;
+
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gateway::GatewayConfig;
@@ -45,6 +52,8 @@ pub struct TestSystem {
     pub batch_size_max: u16,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// Every exchange made through this system, for the OpenAPI check in `finish()`.
+    exchanges: Arc<Mutex<Vec<openapi_check::Exchange>>>,
 }
 
 pub struct WorkerHandle {
@@ -119,6 +128,7 @@ impl TestSystem {
             batch_size_max: options.batch_size_max,
             shutdown,
             tasks,
+            exchanges: Arc::default(),
         };
         system.start_treasury();
         if options.start_worker {
@@ -160,14 +170,14 @@ impl TestSystem {
         }));
     }
 
+    /// Start-up (migrations, broker topology, first connections) takes well under a second on
+    /// a quiet machine but several seconds when the suite's tests start together on 2 cores;
+    /// the bound is generous because this is set-up, not a behaviour under test.
     async fn wait_healthy(&self) {
-        for _ in 0..200 {
-            if let Ok(response) = self
-                .client
-                .get(format!("{}/health", self.base_url))
-                .send()
-                .await
-                && response.status() == StatusCode::OK
+        for _ in 0..600 {
+            let request = self.client.get(format!("{}/health", self.base_url));
+            if let Ok(reply) = self.try_send(request).await
+                && reply.status == StatusCode::OK
             {
                 return;
             }
@@ -196,16 +206,44 @@ impl TestSystem {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.expect("request sent");
+        self.send(request).await
+    }
+
+    /// Sends a request built on `self.client` (for bodies or headers the helpers do not make)
+    /// and records it for the OpenAPI check. The body is JSON when it parses, else a string.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        self.try_send(request).await.expect("request sent")
+    }
+
+    async fn try_send(&self, request: reqwest::RequestBuilder) -> reqwest::Result<Reply> {
+        let (client, request) = request.build_split();
+        let request = request?;
+        let method = request.method().clone();
+        let url = request.url().clone();
+        let response = client.execute(request).await?;
         let status = response.status();
         let headers = response.headers().clone();
         let text = response.text().await.unwrap_or_default();
+        self.exchanges
+            .lock()
+            .unwrap()
+            .push(openapi_check::Exchange {
+                method: method.to_string(),
+                path: url.path().to_string(),
+                query: url.query().map(str::to_string),
+                status: status.as_u16(),
+                content_type: headers
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|value| value.to_str().ok())
+                    .map(str::to_string),
+                body: text.clone(),
+            });
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Reply {
+        Ok(Reply {
             status,
             headers,
             body,
-        }
+        })
     }
 
     pub async fn post(
@@ -336,8 +374,25 @@ impl TestSystem {
         self.login(username).await
     }
 
-    /// Stops every process, then checks that the books pass the audit, and drops the database.
+    /// Checks every recorded response against the gateway's OpenAPI document, stops every
+    /// process, checks that the books pass the audit, and drops the database.
     pub async fn finish(self) {
+        let document: Value = self
+            .client
+            .get(format!("{}/v1/openapi.json", self.base_url))
+            .send()
+            .await
+            .expect("the OpenAPI document is served")
+            .json()
+            .await
+            .expect("the OpenAPI document is JSON");
+        let exchanges = std::mem::take(&mut *self.exchanges.lock().unwrap());
+        let failures = openapi_check::check(&document, &exchanges);
+        eprintln!(
+            "openapi: validated {} responses against the document, {} failed",
+            exchanges.len(),
+            failures.len()
+        );
         let report = shared::audit::run(&self.pool).await.expect("audit ran");
         assert!(
             report.passed,
@@ -353,6 +408,13 @@ impl TestSystem {
         }
         self.pool.close().await;
         shared::testing::drop_database(&self.common.database_url).await;
+        assert!(
+            failures.is_empty(),
+            "{} of {} responses do not match the OpenAPI document (/v1/openapi.json):\n{}",
+            failures.len(),
+            exchanges.len(),
+            failures.join("\n")
+        );
     }
 }
 
