@@ -131,7 +131,7 @@ impl Topology {
 }
 
 /// One queue's depth as the broker reports it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct QueueDepth {
     pub name: String,
@@ -140,7 +140,9 @@ pub struct QueueDepth {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partition: Option<u16>,
     /// None when the queue does not exist (not declared yet, or expired).
+    #[schema(required = true)]
     pub messages: Option<u32>,
+    #[schema(required = true)]
     pub consumers: Option<u32>,
 }
 

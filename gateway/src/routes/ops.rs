@@ -16,12 +16,10 @@ use axum::Json;
 use axum::extract::{Extension, State};
 use axum::http::header;
 use axum::response::{Html, IntoResponse, Response};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde::Serialize;
 use serde_json::Value;
 use shared::audit::AuditReport;
-use shared::broker::Topology;
+use shared::broker::{QueueDepth, Topology};
 use tokio::sync::Mutex;
 
 use crate::auth::Admin;
@@ -185,21 +183,6 @@ impl<T> Section<T> {
 
 #[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct QueueDepth {
-    name: String,
-    /// "partition", "treasury" or "dead_letters".
-    kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    partition: Option<u16>,
-    /// None when the queue does not exist (not declared yet, or expired).
-    #[schema(required = true)]
-    messages: Option<u32>,
-    #[schema(required = true)]
-    consumers: Option<u32>,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
 pub struct Throughput {
     /// Command results stored per second over `window_seconds`; None until two samples exist.
     #[schema(required = true)]
@@ -339,26 +322,13 @@ async fn sample(sampler: &mut Sampler, state: &AppState) -> Value {
     serde_json::to_value(overview).unwrap_or(Value::Null)
 }
 
-/// Message and consumer counts of every queue, by passive declares on a short-lived channel of
-/// a connection kept between samples. A missing queue closes the channel (404); the next queue
-/// gets a new one.
+/// Message and consumer counts of every queue (`shared::broker::queue_depths`), on a broker
+/// connection kept between samples.
 async fn queue_depths(
     broker: &mut Option<lapin::Connection>,
     amqp_url: &str,
     topology: &Topology,
 ) -> Result<Vec<QueueDepth>, String> {
-    let mut queues: Vec<(String, &'static str, Option<u16>)> = (0..topology.partitions)
-        .map(|partition| {
-            (
-                topology.partition_queue(partition),
-                "partition",
-                Some(partition),
-            )
-        })
-        .collect();
-    queues.push((topology.treasury_queue(), "treasury", None));
-    queues.push((topology.dead_letter_queue(), "dead_letters", None));
-
     // Taken out while in use: if the deadline passes, the connection is dropped (and closed).
     let connection = broker
         .take()
@@ -377,41 +347,12 @@ async fn queue_depths(
                 "the message broker is unavailable".to_string()
             })?,
         };
-        let open_channel = || async {
-            connection.create_channel().await.map_err(|error| {
-                tracing::warn!(%error, "ops: cannot open a broker channel");
-                "cannot open a channel on the message broker".to_string()
-            })
-        };
-        let mut channel = open_channel().await?;
-        let mut depths = Vec::with_capacity(queues.len());
-        for (name, kind, partition) in queues {
-            let declared = channel
-                .queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            let (messages, consumers) = match declared {
-                Ok(queue) => (Some(queue.message_count()), Some(queue.consumer_count())),
-                Err(_) => {
-                    channel = open_channel().await?;
-                    (None, None)
-                }
-            };
-            depths.push(QueueDepth {
-                name,
-                kind,
-                partition,
-                messages,
-                consumers,
-            });
-        }
-        drop(channel.close(200, "ops sample taken".into()).await);
+        let depths = shared::broker::queue_depths(&connection, topology)
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "ops: cannot read the queue depths");
+                "cannot read the queue depths from the message broker".to_string()
+            })?;
         Ok::<_, String>((connection, depths))
     };
     let (connection, depths) =
