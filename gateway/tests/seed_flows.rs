@@ -339,6 +339,7 @@ async fn audit_is_for_admins_and_passes() {
             "account_balances_match_postings",
             "hot_balances_match_postings",
             "assets_sum_to_zero",
+            "postings_reference_their_accounts",
             "no_negative_player_balance"
         ]
     );
