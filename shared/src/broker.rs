@@ -4,6 +4,7 @@
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::time::Duration;
 
 use crate::SharedError;
 use crate::config::CommonConfig;
@@ -203,6 +204,78 @@ pub async fn queue_depths(
     }
     drop(channel.close(200, "queue depths taken".into()).await);
     Ok(depths)
+}
+
+/// Why a queue-depth sample failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("the message broker did not answer in time")]
+    Timeout,
+    #[error("cannot connect to the message broker: {0}")]
+    Connect(SharedError),
+    #[error("cannot read the queue depths from the message broker: {0}")]
+    Read(SharedError),
+}
+
+/// Samples queue depths (`queue_depths`) on a broker connection kept between samples, opened
+/// again after a failure. Used by the treasury's metrics and the gateway's ops overview.
+pub struct QueueDepthProbe {
+    amqp_url: String,
+    connection_name: &'static str,
+    connection: Option<Connection>,
+}
+
+impl QueueDepthProbe {
+    pub fn new(amqp_url: &str, connection_name: &'static str) -> Self {
+        Self {
+            amqp_url: amqp_url.to_string(),
+            connection_name,
+            connection: None,
+        }
+    }
+
+    /// One sample. Connecting is bounded by `connect_timeout` and the whole sample by
+    /// `timeout`; the connection is taken out while in use, so after a failure or a timeout it
+    /// is dropped (and closed) and the next sample connects again.
+    pub async fn sample(
+        &mut self,
+        topology: &Topology,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Vec<QueueDepth>, ProbeError> {
+        let kept = self
+            .connection
+            .take()
+            .filter(|connection| connection.status().connected());
+        let work = async {
+            let connection = match kept {
+                Some(connection) => connection,
+                None => tokio::time::timeout(
+                    connect_timeout,
+                    connect(&self.amqp_url, self.connection_name),
+                )
+                .await
+                .map_err(|_| ProbeError::Timeout)?
+                .map_err(ProbeError::Connect)?,
+            };
+            let depths = queue_depths(&connection, topology)
+                .await
+                .map_err(ProbeError::Read)?;
+            Ok::<_, ProbeError>((connection, depths))
+        };
+        let (connection, depths) = tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| ProbeError::Timeout)??;
+        self.connection = Some(connection);
+        Ok(depths)
+    }
+
+    /// Closes the kept connection, if any.
+    pub async fn close(self, reason: &str) {
+        if let Some(connection) = self.connection {
+            drop(connection.close(200, reason.into()).await);
+        }
+    }
 }
 
 /// Sets the `wallet_queue_messages` and `wallet_queue_consumers` gauges (labels `queue`, `kind`)

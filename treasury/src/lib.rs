@@ -175,40 +175,26 @@ const QUEUE_DEPTH_INTERVAL_MIN_MS: u64 = 500;
 /// One sample of every queue's depth (connecting included) gives up after this long.
 const QUEUE_DEPTH_TIMEOUT_MS: u64 = 3_000;
 
-/// Publishes every queue's depth as metrics from this process (one per deployment), keeping
-/// one broker connection between samples and opening a new one after a failure.
+/// Publishes every queue's depth as metrics from this process (one per deployment).
 async fn run_queue_depths(
     amqp_url: String,
     topology: Topology,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut connection: Option<lapin::Connection> = None;
+    let mut probe = shared::broker::QueueDepthProbe::new(&amqp_url, "treasury-queue-depths");
+    let timeout = Duration::from_millis(QUEUE_DEPTH_TIMEOUT_MS);
     loop {
-        let sample = async {
-            let current = match connection.take().filter(|c| c.status().connected()) {
-                Some(current) => current,
-                None => shared::broker::connect(&amqp_url, "treasury-queue-depths").await?,
-            };
-            let depths = shared::broker::queue_depths(&current, &topology).await?;
-            Ok::<_, shared::SharedError>((current, depths))
-        };
-        match tokio::time::timeout(Duration::from_millis(QUEUE_DEPTH_TIMEOUT_MS), sample).await {
-            Ok(Ok((current, depths))) => {
-                shared::broker::record_queue_depths(&depths);
-                connection = Some(current);
-            }
-            Ok(Err(error)) => tracing::debug!(%error, "could not sample queue depths"),
-            Err(_) => tracing::debug!("sampling queue depths timed out"),
+        match probe.sample(&topology, timeout, timeout).await {
+            Ok(depths) => shared::broker::record_queue_depths(&depths),
+            Err(error) => tracing::debug!(%error, "could not sample queue depths"),
         }
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(interval) => {}
         }
     }
-    if let Some(connection) = connection {
-        drop(connection.close(200, "treasury stopping".into()).await);
-    }
+    probe.close("treasury stopping").await;
 }
 
 async fn run_sweep(pool: PgPool, interval: Duration, shutdown: CancellationToken) {

@@ -19,7 +19,7 @@ use axum::response::{Html, IntoResponse, Response};
 use serde::Serialize;
 use serde_json::Value;
 use shared::audit::AuditReport;
-use shared::broker::{QueueDepth, Topology};
+use shared::broker::{ProbeError, QueueDepth, QueueDepthProbe, Topology};
 use tokio::sync::Mutex;
 
 use crate::auth::Admin;
@@ -124,8 +124,9 @@ impl Ops {
 struct Sampler {
     last: Option<(Instant, Arc<Value>)>,
     samples: VecDeque<Sample>,
-    /// Kept open between samples; reopened when it was lost.
-    broker: Option<lapin::Connection>,
+    /// Its broker connection is kept open between samples and reopened when it was lost;
+    /// made on the first sample.
+    broker: Option<QueueDepthProbe>,
 }
 
 struct Sample {
@@ -269,12 +270,10 @@ async fn overview_handler(ops: &Ops, state: AppState, _admin: Admin) -> Result<R
 /// Takes one sample of everything but the audit.
 async fn sample(sampler: &mut Sampler, state: &AppState) -> Value {
     let topology = Topology::from_config(&state.config.common);
-    let queues = queue_depths(
-        &mut sampler.broker,
-        &state.config.common.amqp_url,
-        &topology,
-    )
-    .await;
+    let probe = sampler
+        .broker
+        .get_or_insert_with(|| QueueDepthProbe::new(&state.config.common.amqp_url, "gateway-ops"));
+    let queues = queue_depths(probe, &topology).await;
     let database = tokio::time::timeout(
         Duration::from_millis(DATABASE_TIMEOUT_MS),
         database_figures(&state.pool),
@@ -322,45 +321,27 @@ async fn sample(sampler: &mut Sampler, state: &AppState) -> Value {
     serde_json::to_value(overview).unwrap_or(Value::Null)
 }
 
-/// Message and consumer counts of every queue (`shared::broker::queue_depths`), on a broker
-/// connection kept between samples.
+/// Message and consumer counts of every queue, on the probe's broker connection.
 async fn queue_depths(
-    broker: &mut Option<lapin::Connection>,
-    amqp_url: &str,
+    probe: &mut QueueDepthProbe,
     topology: &Topology,
 ) -> Result<Vec<QueueDepth>, String> {
-    // Taken out while in use: if the deadline passes, the connection is dropped (and closed).
-    let connection = broker
-        .take()
-        .filter(|connection| connection.status().connected());
-    let work = async move {
-        let connection = match connection {
-            Some(connection) => connection,
-            None => tokio::time::timeout(
-                Duration::from_millis(BROKER_CONNECT_TIMEOUT_MS),
-                shared::broker::connect(amqp_url, "gateway-ops"),
-            )
-            .await
-            .map_err(|_| "the message broker did not answer in time".to_string())?
-            .map_err(|error| {
-                tracing::warn!(%error, "ops: cannot connect to the broker");
-                "the message broker is unavailable".to_string()
-            })?,
-        };
-        let depths = shared::broker::queue_depths(&connection, topology)
-            .await
-            .map_err(|error| {
-                tracing::warn!(%error, "ops: cannot read the queue depths");
-                "cannot read the queue depths from the message broker".to_string()
-            })?;
-        Ok::<_, String>((connection, depths))
-    };
-    let (connection, depths) =
-        tokio::time::timeout(Duration::from_millis(QUEUE_DEPTHS_TIMEOUT_MS), work)
-            .await
-            .map_err(|_| "the message broker did not answer in time".to_string())??;
-    *broker = Some(connection);
-    Ok(depths)
+    probe
+        .sample(
+            topology,
+            Duration::from_millis(BROKER_CONNECT_TIMEOUT_MS),
+            Duration::from_millis(QUEUE_DEPTHS_TIMEOUT_MS),
+        )
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "ops: cannot read the queue depths");
+            match error {
+                ProbeError::Timeout => "the message broker did not answer in time",
+                ProbeError::Connect(_) => "the message broker is unavailable",
+                ProbeError::Read(_) => "cannot read the queue depths from the message broker",
+            }
+            .to_string()
+        })
 }
 
 type DatabaseFigures = (Option<i64>, Vec<HotAccount>, DeadLetterCounts);
