@@ -11,11 +11,14 @@ use common::TestSystem;
 use reqwest::StatusCode;
 use serde_json::json;
 
-/// The value of the first series of `name` whose labels include every `labels` pair.
+/// The value of the first series of `name` (with or without labels) whose labels include every
+/// `labels` pair.
 fn series_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
         .find(|line| {
             labels
                 .iter()
@@ -81,12 +84,7 @@ async fn commands_by_kind_and_queue_depths_are_exported() {
                 "wallet_queue_consumers",
                 &[("queue", &partition_queue), ("kind", "partition")],
             ),
-            series_value(&text, "wallet_batch_size_count", &[]).or_else(|| {
-                text.lines()
-                    .find(|line| line.starts_with("wallet_batch_size_count "))
-                    .and_then(|line| line.rsplit(' ').next())
-                    .and_then(|value| value.parse().ok())
-            }),
+            series_value(&text, "wallet_batch_size_count", &[]),
         ];
         if found.iter().all(Option::is_some) {
             // Counters are shared by the tests of this binary, so they are at least ours.

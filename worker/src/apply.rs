@@ -48,9 +48,6 @@ pub struct BatchResult {
     /// Request ids of the commands applied by this batch (every applied command moves money
     /// through a hot account), carried to the treasury for its logs.
     pub applied_request_ids: Vec<String>,
-    pub applied: usize,
-    pub rejected: usize,
-    pub replayed: usize,
 }
 
 pub struct ApplyContext {
@@ -490,13 +487,10 @@ pub async fn apply_batch(
                 request_id,
             ),
         };
-        if decision.outcome == "applied" {
-            result.applied += 1;
-            if let Some(request_id) = &envelope.request_id {
-                result.applied_request_ids.push(request_id.clone());
-            }
-        } else {
-            result.rejected += 1;
+        if decision.outcome == "applied"
+            && let Some(request_id) = &envelope.request_id
+        {
+            result.applied_request_ids.push(request_id.clone());
         }
         command_rows.push(envelope, context.partition, &decision);
         decided.insert(
@@ -525,9 +519,6 @@ pub async fn apply_batch(
                 (None, None) => unreachable!("every envelope is stored or decided"),
             };
         let reply = if *fingerprint == envelope.fingerprint {
-            if replay {
-                result.replayed += 1;
-            }
             CommandReply {
                 command_id: envelope.id,
                 status,

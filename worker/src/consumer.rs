@@ -238,9 +238,18 @@ impl PartitionConsumer {
                 .await
                 .context("acknowledging a batch")?;
         }
-        let applied: usize = results.iter().map(|result| result.applied).sum();
-        let rejected: usize = results.iter().map(|result| result.rejected).sum();
-        let replayed: usize = results.iter().map(|result| result.replayed).sum();
+        let settled_as = |wanted: &str| -> u64 {
+            settled
+                .iter()
+                .filter(|((_, outcome), _)| *outcome == wanted)
+                .map(|(_, count)| count)
+                .sum()
+        };
+        let (applied, rejected, replayed) = (
+            settled_as("applied"),
+            settled_as("rejected"),
+            settled_as("replayed"),
+        );
         for ((kind, outcome), count) in settled {
             metrics::counter!("wallet_commands_total", "kind" => kind, "outcome" => outcome)
                 .increment(count);
