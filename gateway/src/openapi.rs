@@ -223,7 +223,68 @@ pub fn command_result_schema() -> RefOr<Schema> {
 
 /// The document, generated once from the router's annotated handlers.
 pub fn document() -> utoipa::openapi::OpenApi {
-    crate::api_router().into_openapi()
+    let mut document = crate::api_router().into_openapi();
+    add_command_result_headers(&mut document);
+    document
+}
+
+/// Every command (an operation that takes `Idempotency-Key`) answers its result with the same
+/// three headers (`routes::commands::submit_as` sets them), so they are documented here once
+/// for all of them rather than in each handler's annotation. A header a handler documents itself
+/// (signup describes its command id differently) is kept.
+fn add_command_result_headers(document: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::header::HeaderBuilder;
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+
+    let string = || ObjectBuilder::new().schema_type(Type::String).build();
+    let headers = [
+        (
+            "Idempotency-Key",
+            string(),
+            "The key used (generated when the request had none).",
+        ),
+        (
+            "Idempotent-Replayed",
+            string(),
+            "`true` when this is the stored result of an earlier request.",
+        ),
+        (
+            "X-Command-Id",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)))
+                .build(),
+            "The command's id (the journal entry's id).",
+        ),
+    ];
+    for item in document.paths.paths.values_mut() {
+        for operation in [&mut item.post, &mut item.put, &mut item.patch]
+            .into_iter()
+            .flatten()
+        {
+            let takes_key = operation.parameters.iter().flatten().any(|parameter| {
+                matches!(parameter, RefOr::T(parameter) if parameter.name == "Idempotency-Key")
+            });
+            if !takes_key {
+                continue;
+            }
+            if let Some(RefOr::T(result)) = operation.responses.responses.get_mut("200") {
+                for (name, schema, description) in &headers {
+                    result
+                        .headers
+                        .entry((*name).to_string())
+                        .or_insert_with(|| {
+                            RefOr::T(
+                                HeaderBuilder::new()
+                                    .schema(Some(schema.clone()))
+                                    .description(Some(*description))
+                                    .build(),
+                            )
+                        });
+                }
+            }
+        }
+    }
 }
 
 static DOCUMENT_JSON: LazyLock<String> = LazyLock::new(|| {

@@ -51,11 +51,7 @@ fn player_id(caller: &Caller, player: &str) -> Result<Uuid, ApiError> {
     params(("player" = String, Path, description = "A player id, or `me` for the calling player (players only)."), IdempotencyKeyHeader),
     request_body = TopUpBody,
     responses(
-        (status = 200, description = "The player's new wallet.", body = Wallet, headers(
-            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
-            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
-            ("X-Command-Id" = Uuid, description = "The command's id (the journal entry's id)."),
-        )),
+        (status = 200, description = "The player's new wallet.", body = Wallet),
         (status = 202, response = CommandAccepted),
         (status = 400, description = "The body is not valid JSON for this endpoint, the Idempotency-Key is malformed, or an API key named the player `me` (`invalid_body`).", body = ErrorBody),
         (status = 401, response = openapi::Unauthorized),
@@ -103,11 +99,7 @@ pub struct BonusBody {
     params(("player" = Uuid, Path, description = "The player id."), IdempotencyKeyHeader),
     request_body = BonusBody,
     responses(
-        (status = 200, description = "The player's new wallet.", body = Wallet, headers(
-            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
-            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
-            ("X-Command-Id" = Uuid, description = "The command's id (the journal entry's id)."),
-        )),
+        (status = 200, description = "The player's new wallet.", body = Wallet),
         (status = 202, response = CommandAccepted),
         (status = 400, description = "The body is not valid JSON for this endpoint, the Idempotency-Key is malformed, or an API key named the player `me` (`invalid_body`).", body = ErrorBody),
         (status = 401, response = openapi::Unauthorized),
@@ -164,11 +156,7 @@ pub async fn grant_bonus(
     params(("player" = String, Path, description = "A player id, or `me` for the calling player (players only)."), IdempotencyKeyHeader),
     request_body = PurchaseBody,
     responses(
-        (status = 200, description = "The player's new wallet and what was bought.", body = PurchaseResult, headers(
-            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
-            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
-            ("X-Command-Id" = Uuid, description = "The command's id (the journal entry's id)."),
-        )),
+        (status = 200, description = "The player's new wallet and what was bought.", body = PurchaseResult),
         (status = 202, response = CommandAccepted),
         (status = 400, description = "The body is not valid JSON for this endpoint, the Idempotency-Key is malformed, or an API key named the player `me` (`invalid_body`).", body = ErrorBody),
         (status = 401, response = openapi::Unauthorized),
@@ -507,11 +495,7 @@ pub struct GiftBody {
     params(("player" = String, Path, description = "A player id, or `me` for the calling player (players only)."), IdempotencyKeyHeader),
     request_body = GiftBody,
     responses(
-        (status = 200, description = "The giver's new wallet and the gift, on its way.", body = GiftResult, headers(
-            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
-            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
-            ("X-Command-Id" = Uuid, description = "The command's id (the journal entry's id)."),
-        )),
+        (status = 200, description = "The giver's new wallet and the gift, on its way.", body = GiftResult),
         (status = 202, response = CommandAccepted),
         (status = 400, description = "The body is not valid JSON for this endpoint, the Idempotency-Key is malformed, or an API key named the player `me` (`invalid_body`).", body = ErrorBody),
         (status = 401, response = openapi::Unauthorized),
@@ -592,11 +576,7 @@ pub async fn gift(
     tag = "admin",
     params(("journal" = Uuid, Path, description = "The journal entry (the id of the command that wrote it)."), IdempotencyKeyHeader),
     responses(
-        (status = 200, description = "The player's new wallet and the entry reversed.", body = ReversalResult, headers(
-            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
-            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
-            ("X-Command-Id" = Uuid, description = "The command's id (the journal entry's id)."),
-        )),
+        (status = 200, description = "The player's new wallet and the entry reversed.", body = ReversalResult),
         (status = 202, response = CommandAccepted),
         (status = 400, description = "The Idempotency-Key is malformed (`invalid_body`).", body = ErrorBody),
         (status = 401, response = openapi::Unauthorized),

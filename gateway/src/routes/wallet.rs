@@ -133,11 +133,7 @@ pub fn normalize_item(item: &str) -> String {
     params(IdempotencyKeyHeader),
     request_body = TopUpBody,
     responses(
-        (status = 200, description = "The new wallet.", body = Wallet, headers(
-            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
-            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
-            ("X-Command-Id" = uuid::Uuid, description = "The command's id (the journal entry's id)."),
-        )),
+        (status = 200, description = "The new wallet.", body = Wallet),
         (status = 202, response = CommandAccepted),
         (status = 400, response = openapi::BadRequest),
         (status = 401, response = openapi::Unauthorized),
@@ -202,11 +198,7 @@ pub fn valid_amount(state: &AppState, amount: Option<&Value>) -> Result<i64, Api
     params(IdempotencyKeyHeader),
     request_body = PurchaseBody,
     responses(
-        (status = 200, description = "The new wallet and what was bought.", body = PurchaseResult, headers(
-            ("Idempotency-Key" = String, description = "The key used (generated when the request had none)."),
-            ("Idempotent-Replayed" = String, description = "`true` when this is the stored result of an earlier request."),
-            ("X-Command-Id" = uuid::Uuid, description = "The command's id (the journal entry's id)."),
-        )),
+        (status = 200, description = "The new wallet and what was bought.", body = PurchaseResult),
         (status = 202, response = CommandAccepted),
         (status = 400, response = openapi::BadRequest),
         (status = 401, response = openapi::Unauthorized),
