@@ -314,7 +314,7 @@ impl Publisher {
         if let Ok(mut live) = self.live.write() {
             *live = None;
         }
-        drop(connection.close(200, "gateway stopping".into()).await);
+        shared::broker::close_connection(connection, "gateway stopping").await;
         if shutdown.is_cancelled() {
             Ok(())
         } else {

@@ -47,3 +47,39 @@ pub async fn drop_database(database_url: &str) {
         pool.close().await;
     }
 }
+
+/// Deletes a test's queues and exchange. Tests call it when they finish: left to expire, quorum
+/// queues were seen to stall RabbitMQ's new connections for up to a minute while the broker
+/// deleted them, which made unrelated tests time out.
+pub async fn delete_queues(config: &CommonConfig) {
+    let topology = crate::broker::Topology::from_config(config);
+    let Ok(connection) = crate::broker::connect(&config.amqp_url, "test cleanup").await else {
+        return;
+    };
+    if let Ok(channel) = connection.create_channel().await {
+        let mut queues: Vec<String> = (0..topology.partitions)
+            .map(|partition| topology.partition_queue(partition))
+            .collect();
+        queues.push(topology.treasury_queue());
+        queues.push(topology.dead_letter_queue());
+        for queue in queues {
+            drop(
+                channel
+                    .queue_delete(
+                        queue.as_str().into(),
+                        lapin::options::QueueDeleteOptions::default(),
+                    )
+                    .await,
+            );
+        }
+        drop(
+            channel
+                .exchange_delete(
+                    topology.commands_exchange().as_str().into(),
+                    lapin::options::ExchangeDeleteOptions::default(),
+                )
+                .await,
+        );
+    }
+    crate::broker::close_connection(connection, "test finished").await;
+}

@@ -144,6 +144,6 @@ async fn archive(
                 .context("acknowledging dead letters")?;
         }
     }
-    drop(connection.close(200, "archiver stopping".into()).await);
+    shared::broker::close_connection(connection, "archiver stopping").await;
     Ok(())
 }

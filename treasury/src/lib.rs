@@ -322,7 +322,7 @@ async fn consume(
                     tracing::warn!(%error, "database unavailable; treasury paused");
                     if !backoff.sleep(shutdown).await {
                         // Unacknowledged nudges return to the queue when the channel closes.
-                        drop(connection.close(200, "treasury stopping".into()).await);
+                        shared::broker::close_connection(connection, "treasury stopping").await;
                         return Ok(());
                     }
                 }
@@ -342,6 +342,6 @@ async fn consume(
                 .context("acknowledging treasury nudges")?;
         }
     }
-    drop(connection.close(200, "treasury stopping".into()).await);
+    shared::broker::close_connection(connection, "treasury stopping").await;
     Ok(())
 }

@@ -408,6 +408,7 @@ impl TestSystem {
         }
         self.pool.close().await;
         shared::testing::drop_database(&self.common.database_url).await;
+        shared::testing::delete_queues(&self.common).await;
         assert!(
             failures.is_empty(),
             "{} of {} responses do not match the OpenAPI document (/v1/openapi.json):\n{}",
