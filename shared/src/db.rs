@@ -76,6 +76,11 @@ pub enum Planner {
     /// scanning every stored result of `commands` on every batch (a sixth of the machine's
     /// CPU). With sequential scans off the planner takes the index path it has for each of
     /// those statements, however small the table was when the plan was made.
+    ///
+    /// JIT compilation is off too: with sequential scans off, every plan that still has one
+    /// (a tiny table without a useful index) carries the planner's disable cost, far above
+    /// `jit_above_cost`, so PostgreSQL compiled such statements with LLVM on every execution
+    /// (the profile showed libLLVM in the database's samples). Point lookups never need JIT.
     PointLookups,
 }
 
@@ -90,7 +95,7 @@ pub async fn connect_with_planner(
     let mut options = connect_options(&config.database_url)?;
     if planner == Planner::PointLookups {
         // Sent in the startup packet: no extra round trip.
-        options = options.options([("enable_seqscan", "off")]);
+        options = options.options([("enable_seqscan", "off"), ("jit", "off")]);
     }
     let pool = PgPoolOptions::new()
         .max_connections(config.database_connections_max)

@@ -50,8 +50,9 @@ pub struct BatchResult {
     pub applied_request_ids: Vec<String>,
 }
 
+/// What the applying worker knows beyond the commands: the partition count (to route
+/// follow-ups) and a cache of the hot accounts' ids. One context serves every partition.
 pub struct ApplyContext {
-    pub partition: u16,
     pub partitions: u16,
     /// Ids of the hot system accounts, loaded once and again only when one is missing (a new
     /// item's shop account). They never change once created.
@@ -59,9 +60,8 @@ pub struct ApplyContext {
 }
 
 impl ApplyContext {
-    pub fn new(partition: u16, partitions: u16) -> Self {
+    pub fn new(partitions: u16) -> Self {
         Self {
-            partition,
             partitions,
             hot_accounts: std::sync::Mutex::new(HashMap::new()),
         }
@@ -224,15 +224,35 @@ struct Item {
     price: i64,
 }
 
+/// The commands of one partition, in delivery order.
+#[derive(Debug, Clone, Copy)]
+pub struct PartitionBatch<'a> {
+    pub partition: u16,
+    pub envelopes: &'a [CommandEnvelope],
+}
+
+/// Applies the batches of one or more partitions as one batch. Different partitions never
+/// share a player, so deciding their commands together gives each one the same result as
+/// applying its partition's batch alone; within a partition, delivery order is kept. The
+/// replies come in input order, batch after batch.
 pub async fn apply_batch(
     transaction: &mut Transaction<'_, Postgres>,
-    envelopes: &[CommandEnvelope],
+    batches: &[PartitionBatch<'_>],
     context: &ApplyContext,
 ) -> Result<BatchResult, sqlx::Error> {
     let mut result = BatchResult::default();
+    let envelopes: Vec<(u16, &CommandEnvelope)> = batches
+        .iter()
+        .flat_map(|batch| {
+            batch
+                .envelopes
+                .iter()
+                .map(move |envelope| (batch.partition, envelope))
+        })
+        .collect();
 
     // 1. Dedup against stored results.
-    let ids: Vec<Uuid> = envelopes.iter().map(|envelope| envelope.id).collect();
+    let ids: Vec<Uuid> = envelopes.iter().map(|(_, envelope)| envelope.id).collect();
     let stored: Vec<(Uuid, String, i16, Json<Value>)> = sqlx::query_as(
         "SELECT id, fingerprint, status_code, body FROM commands WHERE id = ANY($1)",
     )
@@ -251,10 +271,11 @@ pub async fn apply_batch(
 
     // The first delivery of each new command id in this batch is decided; the rest replay it.
     let mut first_new: HashSet<Uuid> = HashSet::new();
-    let new_commands: Vec<&CommandEnvelope> = envelopes
+    let (new_partitions, new_commands): (Vec<u16>, Vec<&CommandEnvelope>) = envelopes
         .iter()
-        .filter(|envelope| !stored.contains_key(&envelope.id) && first_new.insert(envelope.id))
-        .collect();
+        .filter(|(_, envelope)| !stored.contains_key(&envelope.id) && first_new.insert(envelope.id))
+        .copied()
+        .unzip();
 
     let replayed_ids: Vec<Uuid> = stored.keys().copied().collect();
     if !replayed_ids.is_empty() {
@@ -360,7 +381,7 @@ pub async fn apply_batch(
     let mut writes = Writes::default();
     let mut decided: HashMap<Uuid, (String, u16, Value)> = HashMap::new();
     let mut command_rows = CommandRows::default();
-    for envelope in &new_commands {
+    for (envelope, partition) in new_commands.iter().zip(&new_partitions) {
         let request_id = envelope.request_id.as_deref();
         let decision = match &envelope.command {
             Command::Signup { .. } => decide_signup(
@@ -492,7 +513,7 @@ pub async fn apply_batch(
         {
             result.applied_request_ids.push(request_id.clone());
         }
-        command_rows.push(envelope, context.partition, &decision);
+        command_rows.push(envelope, *partition, &decision);
         decided.insert(
             envelope.id,
             (envelope.fingerprint.clone(), decision.status, decision.body),
@@ -508,7 +529,7 @@ pub async fn apply_batch(
 
     // Replies, in input order: new commands answer with their decision, everything else replays.
     let mut answered: HashSet<Uuid> = HashSet::new();
-    for envelope in envelopes {
+    for (_, envelope) in envelopes {
         let first_answer = answered.insert(envelope.id);
         let (fingerprint, status, body, replay) =
             match (stored.get(&envelope.id), decided.get(&envelope.id)) {

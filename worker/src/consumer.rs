@@ -21,7 +21,8 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{ApplyContext, BatchResult, OutboxMessage, apply_batch};
+use crate::apply::{ApplyContext, BatchResult, OutboxMessage, PartitionBatch, apply_batch};
+use crate::group::{GroupAnswer, GroupCommit};
 
 /// How often a single command is retried on a data error before it is dead-lettered.
 const SINGLE_COMMAND_ATTEMPTS_MAX: u32 = 3;
@@ -39,7 +40,9 @@ pub(crate) struct PartitionConsumer {
     pub batch_wait: Duration,
     pub retry_backoff_max_ms: u64,
     pub consumer_tag: String,
-    pub context: ApplyContext,
+    pub context: std::sync::Arc<ApplyContext>,
+    /// The worker's committers, when group commit is on.
+    pub group: Option<GroupCommit>,
 }
 
 /// What became of one decoded command.
@@ -136,13 +139,34 @@ impl PartitionConsumer {
                 Err(reason) => poison.push((index, reason)),
             }
         }
-        let envelopes: Vec<CommandEnvelope> = decoded
-            .iter()
-            .map(|(_, envelope)| envelope.clone())
-            .collect();
+        let envelopes: std::sync::Arc<Vec<CommandEnvelope>> = std::sync::Arc::new(
+            decoded
+                .iter()
+                .map(|(_, envelope)| envelope.clone())
+                .collect(),
+        );
         let mut results = Vec::new();
-        let Some(outcomes) = self.apply_resilient(&envelopes, stop, &mut results).await else {
-            return Ok(false);
+        let mut group_published = None;
+        let grouped = match &self.group {
+            Some(group) if !envelopes.is_empty() => {
+                group
+                    .apply(self.partition, std::sync::Arc::clone(&envelopes))
+                    .await
+            }
+            _ => GroupAnswer::ApplyAlone,
+        };
+        let outcomes = match grouped {
+            GroupAnswer::Applied { replies, published } => {
+                group_published = Some(published);
+                replies.into_iter().map(Outcome::Reply).collect()
+            }
+            GroupAnswer::ApplyAlone => {
+                let Some(outcomes) = self.apply_resilient(&envelopes, stop, &mut results).await
+                else {
+                    return Ok(false);
+                };
+                outcomes
+            }
         };
 
         let mut confirms = Vec::new();
@@ -154,7 +178,9 @@ impl PartitionConsumer {
             }
             if !result.hot_credit_ids.is_empty() {
                 confirms.push(
-                    self.publish_treasury_nudge(
+                    publish_treasury_nudge(
+                        &self.channel,
+                        &self.topology,
                         &result.hot_credit_ids,
                         &result.applied_request_ids,
                     )
@@ -220,6 +246,13 @@ impl PartitionConsumer {
         for confirm in confirms {
             let confirmation = confirm.await.context("waiting for a publisher confirm")?;
             anyhow::ensure!(confirmation.is_ack(), "the broker refused a publish");
+        }
+        if let Some(published) = group_published {
+            // The group's committer publishes what the group owes; wait for its confirms too.
+            anyhow::ensure!(
+                published.await,
+                "the broker refused what a group of batches owes"
+            );
         }
         if !published_outbox.is_empty()
             && let Err(error) =
@@ -317,7 +350,11 @@ impl PartitionConsumer {
 
     async fn apply_once(&self, envelopes: &[CommandEnvelope]) -> Result<BatchResult, sqlx::Error> {
         let mut transaction = self.pool.begin().await?;
-        let result = apply_batch(&mut transaction, envelopes, &self.context).await?;
+        let batch = PartitionBatch {
+            partition: self.partition,
+            envelopes,
+        };
+        let result = apply_batch(&mut transaction, &[batch], &self.context).await?;
         transaction.commit().await?;
         Ok(result)
     }
@@ -327,30 +364,6 @@ impl PartitionConsumer {
         message: &OutboxMessage,
     ) -> anyhow::Result<lapin::PublisherConfirm> {
         publish_follow_up(&self.channel, &self.topology, message).await
-    }
-
-    async fn publish_treasury_nudge(
-        &self,
-        credit_ids: &[i64],
-        request_ids: &[String],
-    ) -> anyhow::Result<lapin::PublisherConfirm> {
-        let payload = serde_json::to_vec(&TreasuryMessage {
-            v: 1,
-            credit_ids: credit_ids.to_vec(),
-            request_ids: request_ids.to_vec(),
-        })?;
-        self.channel
-            .basic_publish(
-                "".into(),
-                self.topology.treasury_queue().as_str().into(),
-                BasicPublishOptions::default(),
-                &payload,
-                BasicProperties::default()
-                    .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
-                    .with_content_type("application/json".into()),
-            )
-            .await
-            .context("publishing to the treasury")
     }
 
     async fn dead_letter(
@@ -425,7 +438,34 @@ fn poison_reply(reason: &str) -> CommandReply {
     }
 }
 
-async fn publish_follow_up(
+/// Tells the treasury which hot credits a committed batch wrote, so it folds them now rather
+/// than at its next sweep.
+pub(crate) async fn publish_treasury_nudge(
+    channel: &Channel,
+    topology: &Topology,
+    credit_ids: &[i64],
+    request_ids: &[String],
+) -> anyhow::Result<lapin::PublisherConfirm> {
+    let payload = serde_json::to_vec(&TreasuryMessage {
+        v: 1,
+        credit_ids: credit_ids.to_vec(),
+        request_ids: request_ids.to_vec(),
+    })?;
+    channel
+        .basic_publish(
+            "".into(),
+            topology.treasury_queue().as_str().into(),
+            BasicPublishOptions::default(),
+            &payload,
+            BasicProperties::default()
+                .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
+                .with_content_type("application/json".into()),
+        )
+        .await
+        .context("publishing to the treasury")
+}
+
+pub(crate) async fn publish_follow_up(
     channel: &Channel,
     topology: &Topology,
     message: &OutboxMessage,

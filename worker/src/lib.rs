@@ -4,6 +4,7 @@
 
 pub mod apply;
 mod consumer;
+mod group;
 mod ownership;
 
 use std::time::Duration;
@@ -35,6 +36,17 @@ pub struct WorkerConfig {
     /// closed-loop throughput.
     #[arg(long, env = "BATCH_WAIT_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000))]
     pub batch_wait_ms: u64,
+
+    /// Group commit: the batches this worker's partitions have ready at the same moment are
+    /// applied in one transaction, up to this many commands (a group stops taking batches once
+    /// it holds that many). 0 turns it off: every partition commits its own batches.
+    #[arg(long, env = "GROUP_COMMANDS_MAX", default_value_t = 2_048, value_parser = clap::value_parser!(u32).range(0..=16_384))]
+    pub group_commands_max: u32,
+
+    /// How many group transactions this worker runs at once: while one commits, the next
+    /// gathers the batches that arrive meanwhile.
+    #[arg(long, env = "GROUP_COMMITTERS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub group_committers: u8,
 
     /// How often unpublished follow-ups are looked for and republished.
     #[arg(long, env = "OUTBOX_SWEEP_INTERVAL_MS", default_value_t = 2_000)]
@@ -151,6 +163,30 @@ async fn run_connected(
         Duration::from_millis(config.outbox_sweep_age_ms),
         stop.clone(),
     ));
+    let context = std::sync::Arc::new(apply::ApplyContext::new(topology.partitions));
+    let (group, committers) = if config.group_commands_max == 0 {
+        (None, Vec::new())
+    } else {
+        let mut channels = Vec::with_capacity(usize::from(config.group_committers));
+        for _ in 0..config.group_committers {
+            channels.push(
+                connection
+                    .create_channel()
+                    .await
+                    .context("opening a channel")?,
+            );
+        }
+        let (group, committers) = group::Committers {
+            pool: pool.clone(),
+            topology: topology.clone(),
+            context: std::sync::Arc::clone(&context),
+            commands_max: usize::try_from(config.group_commands_max).unwrap_or(usize::MAX),
+        }
+        .spawn(channels)
+        .await
+        .context("starting the group committers")?;
+        (Some(group), committers)
+    };
     let mut owned = ownership::OwnedPartitions::default();
     let spawn_partition = |partition: u16, channel: lapin::Channel, stop: CancellationToken| {
         let partition_consumer = consumer::PartitionConsumer {
@@ -162,7 +198,8 @@ async fn run_connected(
             batch_wait: Duration::from_millis(config.batch_wait_ms),
             retry_backoff_max_ms: config.retry_backoff_max_ms,
             consumer_tag: format!("{worker_id}/p{partition}"),
-            context: apply::ApplyContext::new(partition, topology.partitions),
+            context: std::sync::Arc::clone(&context),
+            group: group.clone(),
         };
         tokio::spawn(partition_consumer.run(stop))
     };
@@ -178,6 +215,9 @@ async fn run_connected(
         }
         if sweep.is_finished() {
             break Err(anyhow::anyhow!("the outbox sweep stopped"));
+        }
+        if committers.iter().any(tokio::task::JoinHandle::is_finished) {
+            break Err(anyhow::anyhow!("a group committer stopped"));
         }
         let target = match locks.fair_share(topology.partitions).await {
             Ok(target) => target,
@@ -208,10 +248,21 @@ async fn run_connected(
     };
     stop.cancel();
     owned.release_all().await;
+    // The committers end once no partition can hand them a batch any more.
+    drop(group);
+    for committer in committers {
+        match committer.await {
+            Ok(Err(error)) => {
+                tracing::warn!(error = format!("{error:#}"), "a group committer failed")
+            }
+            Err(error) => tracing::warn!(%error, "a group committer panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
     // Closing the lock session releases every advisory lock this worker still holds.
     locks.close().await;
     drop(sweep.await);
-    drop(connection.close(200, "worker stopping".into()).await);
+    shared::broker::close_connection(connection, "worker stopping").await;
     match outcome {
         Err(error) if !shutdown.is_cancelled() => Err(error),
         _ => Ok(()),

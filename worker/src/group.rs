@@ -1,0 +1,237 @@
+//! Group commit: the batches that the partitions of one worker have ready at the same moment are
+//! applied in one PostgreSQL transaction.
+//!
+//! Why: under load each partition's batch is small (a few commands), and a transaction costs
+//! about the same whatever its size: the same dozen statements, one commit, one fsync. Applying
+//! the ready batches of all of a worker's partitions together makes one transaction of them.
+//!
+//! Why it is safe: different partitions never share a player, so deciding their commands
+//! together gives every command the result it would get in its own partition's batch
+//! (`apply::apply_batch`). Each partition hands over one batch and waits for its answer before
+//! it collects the next, so the order within a partition is kept. Nothing is acknowledged before
+//! the group has committed and the broker has confirmed what the group owes (follow-ups and the
+//! treasury nudge). When a group cannot be applied, for any reason, each partition applies its
+//! batch alone, with the retries and splitting of `consumer` (a command is never lost: a
+//! redelivered command that did commit is answered from its stored result).
+
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use lapin::Channel;
+use shared::broker::Topology;
+use shared::wire::{CommandEnvelope, CommandReply};
+use sqlx::PgPool;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::apply::{ApplyContext, BatchResult, PartitionBatch, apply_batch};
+use crate::consumer::{publish_follow_up, publish_treasury_nudge};
+
+/// How many batches may wait for a committer: one per partition is the most there can be, since
+/// each partition has at most one batch outstanding; the bound only guards against a bug.
+const WAITING_BATCHES_MAX: usize = 4_096;
+
+/// Resolves to true once the broker confirmed everything a committed group owes.
+pub(crate) type Published = Shared<BoxFuture<'static, bool>>;
+
+/// A partition's batch handed to the committers.
+struct GroupRequest {
+    partition: u16,
+    envelopes: Arc<Vec<CommandEnvelope>>,
+    answer: oneshot::Sender<GroupAnswer>,
+}
+
+pub(crate) enum GroupAnswer {
+    /// Committed together with other partitions' batches: one reply per envelope, in order.
+    /// Acknowledge only after `published` resolved to true.
+    Applied {
+        replies: Vec<CommandReply>,
+        published: Published,
+    },
+    /// Not applied as part of a group: apply the batch alone.
+    ApplyAlone,
+}
+
+/// The partitions' side: hands a batch to the committers and waits for the answer.
+#[derive(Clone)]
+pub(crate) struct GroupCommit {
+    sender: mpsc::Sender<GroupRequest>,
+}
+
+impl GroupCommit {
+    pub async fn apply(&self, partition: u16, envelopes: Arc<Vec<CommandEnvelope>>) -> GroupAnswer {
+        let (answer, answered) = oneshot::channel();
+        let request = GroupRequest {
+            partition,
+            envelopes,
+            answer,
+        };
+        if self.sender.send(request).await.is_err() {
+            return GroupAnswer::ApplyAlone;
+        }
+        // A committer that stopped before answering dropped the request: apply alone.
+        answered.await.unwrap_or(GroupAnswer::ApplyAlone)
+    }
+}
+
+/// The committers' side: `count` tasks taking turns at collecting what the partitions have
+/// ready, so one group is applied while the next one gathers.
+pub(crate) struct Committers {
+    pub pool: PgPool,
+    pub topology: Topology,
+    pub context: Arc<ApplyContext>,
+    /// A group stops taking batches once it holds this many commands.
+    pub commands_max: usize,
+}
+
+impl Committers {
+    /// Starts `channels.len()` committers, one per channel (publisher confirms are enabled on
+    /// each). The tasks end when every `GroupCommit` handle is dropped, or with an error when
+    /// their channel fails.
+    pub async fn spawn(
+        self,
+        channels: Vec<Channel>,
+    ) -> anyhow::Result<(
+        GroupCommit,
+        Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    )> {
+        let (sender, receiver) = mpsc::channel(WAITING_BATCHES_MAX);
+        let receiver = Arc::new(Mutex::new(receiver));
+        let shared = Arc::new(self);
+        let mut tasks = Vec::with_capacity(channels.len());
+        for channel in channels {
+            // Publisher confirms: a group's follow-ups and nudge are confirmed by the broker
+            // before any command of the group is acknowledged.
+            channel
+                .confirm_select(lapin::options::ConfirmSelectOptions { nowait: false })
+                .await?;
+            tasks.push(tokio::spawn(
+                Arc::clone(&shared).run(channel, Arc::clone(&receiver)),
+            ));
+        }
+        Ok((GroupCommit { sender }, tasks))
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        channel: Channel,
+        receiver: Arc<Mutex<mpsc::Receiver<GroupRequest>>>,
+    ) -> anyhow::Result<()> {
+        loop {
+            let requests = {
+                let mut receiver = receiver.lock().await;
+                let Some(first) = receiver.recv().await else {
+                    return Ok(());
+                };
+                let mut commands = first.envelopes.len();
+                let mut requests = vec![first];
+                // Only what is ready now: waiting for more would add latency to every batch.
+                while commands < self.commands_max {
+                    match receiver.try_recv() {
+                        Ok(request) => {
+                            commands += request.envelopes.len();
+                            requests.push(request);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                requests
+            };
+            self.commit(&channel, requests).await?;
+        }
+    }
+
+    async fn commit(&self, channel: &Channel, requests: Vec<GroupRequest>) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let batches: Vec<PartitionBatch<'_>> = requests
+            .iter()
+            .map(|request| PartitionBatch {
+                partition: request.partition,
+                envelopes: request.envelopes.as_slice(),
+            })
+            .collect();
+        let result = match self.apply_once(&batches).await {
+            Ok(result) => result,
+            Err(error) => {
+                tracing::warn!(%error, batches = requests.len(), "group failed; partitions apply alone");
+                metrics::counter!("wallet_group_fallbacks_total").increment(1);
+                for request in requests {
+                    drop(request.answer.send(GroupAnswer::ApplyAlone));
+                }
+                return Ok(());
+            }
+        };
+        let commands: usize = requests.iter().map(|request| request.envelopes.len()).sum();
+        let BatchResult {
+            replies,
+            outbox,
+            hot_credit_ids,
+            applied_request_ids,
+        } = result;
+        // Committed. What fails from here fails the connection: the partitions are answered
+        // with ApplyAlone (their requests are dropped), their redelivered commands are
+        // answered from the stored results, and the sweeps publish what is still owed.
+        let mut confirms = Vec::with_capacity(outbox.len() + 1);
+        for message in &outbox {
+            confirms.push(publish_follow_up(channel, &self.topology, message).await?);
+        }
+        if !hot_credit_ids.is_empty() {
+            confirms.push(
+                publish_treasury_nudge(
+                    channel,
+                    &self.topology,
+                    &hot_credit_ids,
+                    &applied_request_ids,
+                )
+                .await?,
+            );
+        }
+        let published: Published = async move {
+            for confirm in confirms {
+                match confirm.await {
+                    Ok(confirmation) if confirmation.is_ack() => {}
+                    _ => return false,
+                }
+            }
+            true
+        }
+        .boxed()
+        .shared();
+        let mut replies = replies.into_iter();
+        let partitions = requests.len();
+        for request in requests {
+            let mine: Vec<CommandReply> = replies.by_ref().take(request.envelopes.len()).collect();
+            drop(request.answer.send(GroupAnswer::Applied {
+                replies: mine,
+                published: published.clone(),
+            }));
+        }
+        anyhow::ensure!(
+            published.await,
+            "the broker refused a follow-up or a treasury nudge"
+        );
+        if !outbox.is_empty() {
+            let ids: Vec<i64> = outbox.iter().map(|message| message.id).collect();
+            if let Err(error) =
+                sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+                    .bind(&ids)
+                    .execute(&self.pool)
+                    .await
+            {
+                // Harmless: the sweep republishes them and follow-ups are idempotent.
+                tracing::warn!(%error, "could not mark follow-ups published");
+            }
+        }
+        metrics::histogram!("wallet_group_partitions").record(partitions as f64);
+        metrics::histogram!("wallet_group_commands").record(commands as f64);
+        metrics::histogram!("wallet_group_seconds").record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn apply_once(&self, batches: &[PartitionBatch<'_>]) -> Result<BatchResult, sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        let result = apply_batch(&mut transaction, batches, &self.context).await?;
+        transaction.commit().await?;
+        Ok(result)
+    }
+}
