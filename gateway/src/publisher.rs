@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use shared::backoff::Backoff;
 use shared::broker::Topology;
@@ -290,11 +290,20 @@ impl Publisher {
                         next = replies.next() => next,
                     };
                     let Some(Ok(delivery)) = next else { return };
-                    let Some(correlation_id) = delivery.properties.correlation_id() else {
-                        continue;
-                    };
-                    match serde_json::from_slice::<CommandReply>(&delivery.data) {
-                        Ok(reply) => publisher.dispatch(correlation_id.as_str(), reply),
+                    match shared::wire::decode_replies(
+                        delivery.properties.kind().as_ref().map(ShortString::as_str),
+                        delivery
+                            .properties
+                            .correlation_id()
+                            .as_ref()
+                            .map(ShortString::as_str),
+                        &delivery.data,
+                    ) {
+                        Ok(replies) => {
+                            for (correlation_id, reply) in replies {
+                                publisher.dispatch(&correlation_id, reply);
+                            }
+                        }
                         Err(error) => tracing::warn!(%error, "unreadable reply"),
                     }
                 }

@@ -272,7 +272,7 @@ async fn a_command_delivered_twice_is_applied_once() {
             .expect("a reply within 10 s")
             .unwrap()
             .unwrap();
-        answers.push(serde_json::from_slice::<CommandReply>(&delivery.data).unwrap());
+        answers.extend(read_replies(&delivery));
     }
     assert_eq!(answers.iter().filter(|answer| !answer.replay).count(), 1);
     assert_eq!(answers[0].body, answers[1].body);
@@ -286,4 +286,26 @@ async fn a_command_delivered_twice_is_applied_once() {
     assert_eq!(journals, 1);
     drop(connection.close(200, "done".into()).await);
     system.finish().await;
+}
+
+/// The replies a message carries: the worker sends a batch's replies to one reply queue as one
+/// message.
+fn read_replies(delivery: &lapin::message::Delivery) -> Vec<CommandReply> {
+    shared::wire::decode_replies(
+        delivery
+            .properties
+            .kind()
+            .as_ref()
+            .map(|kind| kind.as_str()),
+        delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|id| id.as_str()),
+        &delivery.data,
+    )
+    .expect("a readable reply message")
+    .into_iter()
+    .map(|(_, reply)| reply)
+    .collect()
 }

@@ -84,13 +84,38 @@ async fn poison_is_dead_lettered_listed_and_replayable() {
             .await
             .unwrap();
     }
-    for _ in 0..2 {
+    let mut answers: Vec<CommandReply> = Vec::new();
+    while answers.len() < 2 {
         let delivery = tokio::time::timeout(Duration::from_secs(10), replies.next())
             .await
             .expect("a reply")
             .unwrap()
             .unwrap();
-        let reply: CommandReply = serde_json::from_slice(&delivery.data).unwrap();
+        // The replies of one batch to one reply queue come as one message.
+        answers.extend(
+            shared::wire::decode_replies(
+                delivery
+                    .properties
+                    .kind()
+                    .as_ref()
+                    .map(|kind| kind.as_str()),
+                delivery
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|id| id.as_str()),
+                &delivery.data,
+            )
+            .expect("a readable reply message")
+            .into_iter()
+            .map(|(correlation_id, reply)| {
+                assert_eq!(correlation_id, "poison");
+                reply
+            }),
+        );
+    }
+    assert_eq!(answers.len(), 2);
+    for reply in answers {
         assert_eq!(reply.status, 500);
         assert_eq!(reply.body["code"], "command_dead_lettered");
     }

@@ -120,6 +120,50 @@ pub struct CommandReply {
     pub replay: bool,
 }
 
+/// The AMQP message type of a message carrying several replies ([`CommandReplies`]). A message
+/// without it carries one [`CommandReply`], addressed by the message's correlation id.
+pub const REPLIES_MESSAGE_TYPE: &str = "wallet.command-replies";
+/// Version of [`CommandReplies`].
+pub const REPLIES_VERSION: u32 = 1;
+
+/// One reply and the correlation id of the request it answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AddressedReply {
+    pub correlation_id: String,
+    pub reply: CommandReply,
+}
+
+/// The replies of one batch to one reply queue, in one message: a batch's commands mostly come
+/// from a few gateway channels, and one message per channel costs the broker far less than one
+/// per command.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommandReplies {
+    /// See [`REPLIES_VERSION`].
+    pub v: u32,
+    pub replies: Vec<AddressedReply>,
+}
+
+/// Reads a reply message, batched or single, into (correlation id, reply) pairs.
+pub fn decode_replies(
+    message_type: Option<&str>,
+    correlation_id: Option<&str>,
+    data: &[u8],
+) -> Result<Vec<(String, CommandReply)>, String> {
+    if message_type == Some(REPLIES_MESSAGE_TYPE) {
+        let batch: CommandReplies =
+            serde_json::from_slice(data).map_err(|error| format!("unreadable replies: {error}"))?;
+        return Ok(batch
+            .replies
+            .into_iter()
+            .map(|addressed| (addressed.correlation_id, addressed.reply))
+            .collect());
+    }
+    let correlation_id = correlation_id.ok_or("a reply without a correlation id")?;
+    let reply: CommandReply =
+        serde_json::from_slice(data).map_err(|error| format!("unreadable reply: {error}"))?;
+    Ok(vec![(correlation_id.to_string(), reply)])
+}
+
 /// A nudge to the treasury consumer: these hot credits are committed and can be folded.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TreasuryMessage {
@@ -148,7 +192,11 @@ pub fn decode_command(bytes: &[u8]) -> Result<CommandEnvelope, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::TreasuryMessage;
+    use super::{
+        AddressedReply, CommandReplies, CommandReply, REPLIES_MESSAGE_TYPE, REPLIES_VERSION,
+        TreasuryMessage, decode_replies,
+    };
+    use uuid::Uuid;
 
     #[test]
     fn treasury_nudges_carry_request_ids_and_read_old_ones() {
@@ -167,5 +215,41 @@ mod tests {
             serde_json::from_str(r#"{"v":1,"credit_ids":[3]}"#).expect("decoded");
         assert_eq!(old.credit_ids, vec![3]);
         assert!(old.request_ids.is_empty());
+    }
+
+    #[test]
+    fn replies_decode_batched_and_single() {
+        let reply = |status| CommandReply {
+            command_id: Uuid::nil(),
+            status,
+            body: serde_json::json!({ "ok": true }),
+            replay: false,
+        };
+        let batch = CommandReplies {
+            v: REPLIES_VERSION,
+            replies: vec![
+                AddressedReply {
+                    correlation_id: "a".to_string(),
+                    reply: reply(200),
+                },
+                AddressedReply {
+                    correlation_id: "b".to_string(),
+                    reply: reply(409),
+                },
+            ],
+        };
+        let data = serde_json::to_vec(&batch).expect("encoded");
+        let decoded = decode_replies(Some(REPLIES_MESSAGE_TYPE), None, &data).expect("decoded");
+        assert_eq!(
+            decoded,
+            vec![("a".to_string(), reply(200)), ("b".to_string(), reply(409))]
+        );
+        let single = serde_json::to_vec(&reply(200)).expect("encoded");
+        assert_eq!(
+            decode_replies(None, Some("c"), &single).expect("decoded"),
+            vec![("c".to_string(), reply(200))]
+        );
+        assert!(decode_replies(None, None, &single).is_err());
+        assert!(decode_replies(Some(REPLIES_MESSAGE_TYPE), None, b"not json").is_err());
     }
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{ApplyContext, BatchResult, OutboxMessage, PartitionBatch, apply_batch};
 use crate::group::{GroupAnswer, GroupCommit};
+use crate::replies::{ReplyBatch, ReplyTarget};
 
 /// How often a single command is retried on a data error before it is dead-lettered.
 const SINGLE_COMMAND_ATTEMPTS_MAX: u32 = 3;
@@ -145,12 +146,20 @@ impl PartitionConsumer {
                 .map(|(_, envelope)| envelope.clone())
                 .collect(),
         );
+        let targets: Vec<Option<ReplyTarget>> = decoded
+            .iter()
+            .map(|(index, _)| ReplyTarget::of(&batch[*index]))
+            .collect();
         let mut results = Vec::new();
         let mut group_published = None;
         let grouped = match &self.group {
             Some(group) if !envelopes.is_empty() => {
                 group
-                    .apply(self.partition, std::sync::Arc::clone(&envelopes))
+                    .apply(
+                        self.partition,
+                        std::sync::Arc::clone(&envelopes),
+                        targets.clone(),
+                    )
                     .await
             }
             _ => GroupAnswer::ApplyAlone,
@@ -188,14 +197,20 @@ impl PartitionConsumer {
                 );
             }
         }
+        // The group's committer already sent the replies of a grouped batch.
+        let mut replies = ReplyBatch::default();
+        let replied = group_published.is_some();
         // Commands by kind and outcome, counted here and added to the metric once per batch.
         let mut settled: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
         for (index, reason) in &poison {
             *settled.entry(("undecodable", "dead_lettered")).or_default() += 1;
             confirms.push(self.dead_letter(&batch[*index], reason).await?);
-            self.reply(&batch[*index], &poison_reply(reason)).await?;
+            replies.push(
+                ReplyTarget::of(&batch[*index]).as_ref(),
+                poison_reply(reason),
+            );
         }
-        for ((index, envelope), outcome) in decoded.iter().zip(&outcomes) {
+        for (((index, envelope), outcome), target) in decoded.iter().zip(outcomes).zip(&targets) {
             let kind = envelope.command.kind();
             match outcome {
                 Outcome::Reply(reply) => {
@@ -218,7 +233,9 @@ impl PartitionConsumer {
                         replay = reply.replay,
                         "command settled"
                     );
-                    self.reply(&batch[*index], reply).await?;
+                    if !replied {
+                        replies.push(target.as_ref(), reply);
+                    }
                 }
                 Outcome::Failed(reason) => {
                     *settled.entry((kind, "dead_lettered")).or_default() += 1;
@@ -228,7 +245,7 @@ impl PartitionConsumer {
                         %reason,
                         "command dead-lettered"
                     );
-                    confirms.push(self.dead_letter(&batch[*index], reason).await?);
+                    confirms.push(self.dead_letter(&batch[*index], &reason).await?);
                     let reply = CommandReply {
                         command_id: envelope.id,
                         status: 500,
@@ -239,10 +256,11 @@ impl PartitionConsumer {
                         ),
                         replay: false,
                     };
-                    self.reply(&batch[*index], &reply).await?;
+                    replies.push(target.as_ref(), reply);
                 }
             }
         }
+        replies.publish(&self.channel).await?;
         for confirm in confirms {
             let confirmation = confirm.await.context("waiting for a publisher confirm")?;
             anyhow::ensure!(confirmation.is_ack(), "the broker refused a publish");
@@ -394,34 +412,6 @@ impl PartitionConsumer {
             )
             .await
             .context("publishing a dead letter")
-    }
-
-    /// Answers the gateway waiting on this delivery, if any. Replies are not persisted: a
-    /// gateway that is gone finds the result by polling the command's status instead.
-    async fn reply(&self, delivery: &Delivery, reply: &CommandReply) -> anyhow::Result<()> {
-        let Some(reply_to) = delivery.properties.reply_to() else {
-            return Ok(());
-        };
-        let mut properties =
-            BasicProperties::default().with_content_type("application/json".into());
-        if let Some(correlation_id) = delivery.properties.correlation_id() {
-            properties = properties.with_correlation_id(correlation_id.clone());
-        }
-        let payload = serde_json::to_vec(reply)?;
-        // The confirm of a reply is not awaited: nothing is lost if a reply is dropped.
-        drop(
-            self.channel
-                .basic_publish(
-                    "".into(),
-                    reply_to.clone(),
-                    BasicPublishOptions::default(),
-                    &payload,
-                    properties,
-                )
-                .await
-                .context("publishing a reply")?,
-        );
-        Ok(())
     }
 }
 

@@ -26,6 +26,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::apply::{ApplyContext, BatchResult, PartitionBatch, apply_batch};
 use crate::consumer::{publish_follow_up, publish_treasury_nudge};
+use crate::replies::{ReplyBatch, ReplyTarget};
 
 /// How many batches may wait for a committer: one per partition is the most there can be, since
 /// each partition has at most one batch outstanding; the bound only guards against a bug.
@@ -38,12 +39,14 @@ pub(crate) type Published = Shared<BoxFuture<'static, bool>>;
 struct GroupRequest {
     partition: u16,
     envelopes: Arc<Vec<CommandEnvelope>>,
+    /// Where each envelope's reply goes, in the same order.
+    targets: Vec<Option<ReplyTarget>>,
     answer: oneshot::Sender<GroupAnswer>,
 }
 
 pub(crate) enum GroupAnswer {
-    /// Committed together with other partitions' batches: one reply per envelope, in order.
-    /// Acknowledge only after `published` resolved to true.
+    /// Committed together with other partitions' batches: one reply per envelope, in order,
+    /// already sent to the gateways. Acknowledge only after `published` resolved to true.
     Applied {
         replies: Vec<CommandReply>,
         published: Published,
@@ -59,11 +62,17 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub async fn apply(&self, partition: u16, envelopes: Arc<Vec<CommandEnvelope>>) -> GroupAnswer {
+    pub async fn apply(
+        &self,
+        partition: u16,
+        envelopes: Arc<Vec<CommandEnvelope>>,
+        targets: Vec<Option<ReplyTarget>>,
+    ) -> GroupAnswer {
         let (answer, answered) = oneshot::channel();
         let request = GroupRequest {
             partition,
             envelopes,
+            targets,
             answer,
         };
         if self.sender.send(request).await.is_err() {
@@ -197,10 +206,20 @@ impl Committers {
         }
         .boxed()
         .shared();
+        // One reply message per gateway channel for the whole group.
         let mut replies = replies.into_iter();
-        let partitions = requests.len();
-        for request in requests {
+        let mut answers = Vec::with_capacity(requests.len());
+        let mut reply_batch = ReplyBatch::default();
+        for request in &requests {
             let mine: Vec<CommandReply> = replies.by_ref().take(request.envelopes.len()).collect();
+            for (target, reply) in request.targets.iter().zip(&mine) {
+                reply_batch.push(target.as_ref(), reply.clone());
+            }
+            answers.push(mine);
+        }
+        reply_batch.publish(channel).await?;
+        let partitions = requests.len();
+        for (request, mine) in requests.into_iter().zip(answers) {
             drop(request.answer.send(GroupAnswer::Applied {
                 replies: mine,
                 published: published.clone(),

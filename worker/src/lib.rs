@@ -6,6 +6,7 @@ pub mod apply;
 mod consumer;
 mod group;
 mod ownership;
+mod replies;
 
 use std::time::Duration;
 
