@@ -15,7 +15,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use shared::broker::Topology;
 use shared::partition::partition_of;
-use shared::wire::{COMMAND_VERSION, Command, CommandEnvelope, CommandReply};
+use shared::wire::{COMMAND_VERSION, Command, CommandEnvelope};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_purchases_never_overdraw() {
@@ -272,7 +272,11 @@ async fn a_command_delivered_twice_is_applied_once() {
             .expect("a reply within 10 s")
             .unwrap()
             .unwrap();
-        answers.extend(read_replies(&delivery));
+        answers.extend(
+            common::read_replies(&delivery)
+                .into_iter()
+                .map(|(_, reply)| reply),
+        );
     }
     assert_eq!(answers.iter().filter(|answer| !answer.replay).count(), 1);
     assert_eq!(answers[0].body, answers[1].body);
@@ -286,26 +290,4 @@ async fn a_command_delivered_twice_is_applied_once() {
     assert_eq!(journals, 1);
     drop(connection.close(200, "done".into()).await);
     system.finish().await;
-}
-
-/// The replies a message carries: the worker sends a batch's replies to one reply queue as one
-/// message.
-fn read_replies(delivery: &lapin::message::Delivery) -> Vec<CommandReply> {
-    shared::wire::decode_replies(
-        delivery
-            .properties
-            .kind()
-            .as_ref()
-            .map(|kind| kind.as_str()),
-        delivery
-            .properties
-            .correlation_id()
-            .as_ref()
-            .map(|id| id.as_str()),
-        &delivery.data,
-    )
-    .expect("a readable reply message")
-    .into_iter()
-    .map(|(_, reply)| reply)
-    .collect()
 }

@@ -92,27 +92,12 @@ async fn poison_is_dead_lettered_listed_and_replayable() {
             .unwrap()
             .unwrap();
         // The replies of one batch to one reply queue come as one message.
-        answers.extend(
-            shared::wire::decode_replies(
-                delivery
-                    .properties
-                    .kind()
-                    .as_ref()
-                    .map(|kind| kind.as_str()),
-                delivery
-                    .properties
-                    .correlation_id()
-                    .as_ref()
-                    .map(|id| id.as_str()),
-                &delivery.data,
-            )
-            .expect("a readable reply message")
-            .into_iter()
-            .map(|(correlation_id, reply)| {
+        answers.extend(common::read_replies(&delivery).into_iter().map(
+            |(correlation_id, reply)| {
                 assert_eq!(correlation_id, "poison");
                 reply
-            }),
-        );
+            },
+        ));
     }
     assert_eq!(answers.len(), 2);
     for reply in answers {

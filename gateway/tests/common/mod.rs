@@ -436,3 +436,24 @@ pub fn assert_error(reply: &Reply, status: u16, code: &str) {
         reply.body
     );
 }
+
+/// The (correlation id, reply) pairs a reply message carries: the worker sends a batch's replies
+/// to one reply queue as one message. For tests that publish commands to the broker directly.
+pub fn read_replies(
+    delivery: &lapin::message::Delivery,
+) -> Vec<(String, shared::wire::CommandReply)> {
+    shared::wire::decode_replies(
+        delivery
+            .properties
+            .kind()
+            .as_ref()
+            .map(|kind| kind.as_str()),
+        delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|id| id.as_str()),
+        &delivery.data,
+    )
+    .expect("a readable reply message")
+}
