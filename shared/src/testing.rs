@@ -83,3 +83,45 @@ pub async fn delete_queues(config: &CommonConfig) {
     }
     crate::broker::close_connection(connection, "test finished").await;
 }
+
+/// Drops a test's database and deletes its queues when it goes out of scope, unless disarmed,
+/// so a test that fails before its own clean-up leaves nothing behind (failed runs had left
+/// dozens of `wallet_test_*` databases).
+pub struct Cleanup {
+    config: Option<CommonConfig>,
+}
+
+impl Cleanup {
+    pub fn new(config: &CommonConfig) -> Self {
+        Self {
+            config: Some(config.clone()),
+        }
+    }
+
+    /// The test cleaned up by itself.
+    pub fn disarm(&mut self) {
+        self.config = None;
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let Some(config) = self.config.take() else {
+            return;
+        };
+        // Dropped while a test unwinds, maybe on a runtime's thread: clean up on a thread with
+        // a runtime of its own and wait for it.
+        let cleanup = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(async {
+                    drop_database(&config.database_url).await;
+                    delete_queues(&config).await;
+                });
+            }
+        });
+        drop(cleanup.join());
+    }
+}

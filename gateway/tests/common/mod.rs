@@ -54,6 +54,8 @@ pub struct TestSystem {
     tasks: Vec<JoinHandle<()>>,
     /// Every exchange made through this system, for the OpenAPI check in `finish()`.
     exchanges: Arc<Mutex<Vec<openapi_check::Exchange>>>,
+    /// Drops the database and the queues if the test fails before `finish()`.
+    cleanup: shared::testing::Cleanup,
 }
 
 pub struct WorkerHandle {
@@ -124,8 +126,9 @@ impl TestSystem {
                 .build()
                 .unwrap(),
             pool,
-            common,
             batch_size_max: options.batch_size_max,
+            cleanup: shared::testing::Cleanup::new(&common),
+            common,
             shutdown,
             tasks,
             exchanges: Arc::default(),
@@ -376,7 +379,7 @@ impl TestSystem {
 
     /// Checks every recorded response against the gateway's OpenAPI document, stops every
     /// process, checks that the books pass the audit, and drops the database.
-    pub async fn finish(self) {
+    pub async fn finish(mut self) {
         let document: Value = self
             .client
             .get(format!("{}/v1/openapi.json", self.base_url))
@@ -409,6 +412,7 @@ impl TestSystem {
         self.pool.close().await;
         shared::testing::drop_database(&self.common.database_url).await;
         shared::testing::delete_queues(&self.common).await;
+        self.cleanup.disarm();
         assert!(
             failures.is_empty(),
             "{} of {} responses do not match the OpenAPI document (/v1/openapi.json):\n{}",
