@@ -22,7 +22,7 @@ use sqlx::types::Json;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{ApplyContext, BatchResult, OutboxMessage, PartitionBatch, apply_batch};
-use crate::group::{GroupAnswer, GroupCommit};
+use crate::group::{Answered, GroupAnswer, GroupCommit};
 use crate::replies::{ReplyBatch, ReplyTarget};
 
 /// How often a single command is retried on a data error before it is dead-lettered.
@@ -48,7 +48,10 @@ pub(crate) struct PartitionConsumer {
 
 /// What became of one decoded command.
 enum Outcome {
+    /// Applied here: the reply is still to be sent.
     Reply(CommandReply),
+    /// Applied by the group's committer, which already sent the reply.
+    Answered(Answered),
     /// Failed on every attempt with a data error: dead-lettered with this reason.
     Failed(String),
 }
@@ -165,9 +168,12 @@ impl PartitionConsumer {
             _ => GroupAnswer::ApplyAlone,
         };
         let outcomes = match grouped {
-            GroupAnswer::Applied { replies, published } => {
+            GroupAnswer::Applied {
+                answered,
+                published,
+            } => {
                 group_published = Some(published);
-                replies.into_iter().map(Outcome::Reply).collect()
+                answered.into_iter().map(Outcome::Answered).collect()
             }
             GroupAnswer::ApplyAlone => {
                 let Some(outcomes) = self.apply_resilient(&envelopes, stop, &mut results).await
@@ -182,7 +188,7 @@ impl PartitionConsumer {
         let mut published_outbox = Vec::new();
         for result in &results {
             for message in &result.outbox {
-                confirms.push(self.publish_follow_up(message).await?);
+                confirms.push(publish_follow_up(&self.channel, &self.topology, message).await?);
                 published_outbox.push(message.id);
             }
             if !result.hot_credit_ids.is_empty() {
@@ -197,9 +203,7 @@ impl PartitionConsumer {
                 );
             }
         }
-        // The group's committer already sent the replies of a grouped batch.
         let mut replies = ReplyBatch::default();
-        let replied = group_published.is_some();
         // Commands by kind and outcome, counted here and added to the metric once per batch.
         let mut settled: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
         for (index, reason) in &poison {
@@ -212,31 +216,15 @@ impl PartitionConsumer {
         }
         for (((index, envelope), outcome), target) in decoded.iter().zip(outcomes).zip(&targets) {
             let kind = envelope.command.kind();
-            match outcome {
-                Outcome::Reply(reply) => {
-                    let counted_as = if reply.replay {
-                        "replayed"
-                    } else if (200..300).contains(&reply.status) {
-                        "applied"
-                    } else {
-                        "rejected"
-                    };
-                    *settled.entry((kind, counted_as)).or_default() += 1;
-                    // The request id travels in the envelope, so one id follows a command from
-                    // the HTTP request to here (LOG_FORMAT=json makes these fields searchable).
-                    tracing::debug!(
-                        partition = self.partition,
-                        command_id = %envelope.id,
-                        request_id = envelope.request_id.as_deref().unwrap_or_default(),
-                        kind = envelope.command.kind(),
-                        status = reply.status,
-                        replay = reply.replay,
-                        "command settled"
-                    );
-                    if !replied {
-                        replies.push(target.as_ref(), reply);
-                    }
-                }
+            let (answered, unsent) = match outcome {
+                Outcome::Reply(reply) => (
+                    Answered {
+                        status: reply.status,
+                        replay: reply.replay,
+                    },
+                    Some(reply),
+                ),
+                Outcome::Answered(answered) => (answered, None),
                 Outcome::Failed(reason) => {
                     *settled.entry((kind, "dead_lettered")).or_default() += 1;
                     tracing::error!(
@@ -257,7 +245,30 @@ impl PartitionConsumer {
                         replay: false,
                     };
                     replies.push(target.as_ref(), reply);
+                    continue;
                 }
+            };
+            let counted_as = if answered.replay {
+                "replayed"
+            } else if (200..300).contains(&answered.status) {
+                "applied"
+            } else {
+                "rejected"
+            };
+            *settled.entry((kind, counted_as)).or_default() += 1;
+            // The request id travels in the envelope, so one id follows a command from the HTTP
+            // request to here (LOG_FORMAT=json makes these fields searchable).
+            tracing::debug!(
+                partition = self.partition,
+                command_id = %envelope.id,
+                request_id = envelope.request_id.as_deref().unwrap_or_default(),
+                kind,
+                status = answered.status,
+                replay = answered.replay,
+                "command settled"
+            );
+            if let Some(reply) = unsent {
+                replies.push(target.as_ref(), reply);
             }
         }
         replies.publish(&self.channel).await?;
@@ -334,8 +345,11 @@ impl PartitionConsumer {
         let mut data_errors = 0;
         loop {
             match self.apply_once(envelopes).await {
-                Ok(result) => {
-                    let outcomes = result.replies.iter().cloned().map(Outcome::Reply).collect();
+                Ok(mut result) => {
+                    let outcomes = std::mem::take(&mut result.replies)
+                        .into_iter()
+                        .map(Outcome::Reply)
+                        .collect();
                     results.push(result);
                     return Some(outcomes);
                 }
@@ -375,13 +389,6 @@ impl PartitionConsumer {
         let result = apply_batch(&mut transaction, &[batch], &self.context).await?;
         transaction.commit().await?;
         Ok(result)
-    }
-
-    async fn publish_follow_up(
-        &self,
-        message: &OutboxMessage,
-    ) -> anyhow::Result<lapin::PublisherConfirm> {
-        publish_follow_up(&self.channel, &self.topology, message).await
     }
 
     async fn dead_letter(

@@ -20,7 +20,7 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use lapin::Channel;
 use shared::broker::Topology;
-use shared::wire::{CommandEnvelope, CommandReply};
+use shared::wire::CommandEnvelope;
 use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -44,11 +44,18 @@ struct GroupRequest {
     answer: oneshot::Sender<GroupAnswer>,
 }
 
+/// What the partition needs of a reply the committer sent: its counts and its log line.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Answered {
+    pub status: u16,
+    pub replay: bool,
+}
+
 pub(crate) enum GroupAnswer {
     /// Committed together with other partitions' batches: one reply per envelope, in order,
     /// already sent to the gateways. Acknowledge only after `published` resolved to true.
     Applied {
-        replies: Vec<CommandReply>,
+        answered: Vec<Answered>,
         published: Published,
     },
     /// Not applied as part of a group: apply the batch alone.
@@ -211,17 +218,22 @@ impl Committers {
         let mut answers = Vec::with_capacity(requests.len());
         let mut reply_batch = ReplyBatch::default();
         for request in &requests {
-            let mine: Vec<CommandReply> = replies.by_ref().take(request.envelopes.len()).collect();
-            for (target, reply) in request.targets.iter().zip(&mine) {
-                reply_batch.push(target.as_ref(), reply.clone());
+            let mut answered = Vec::with_capacity(request.envelopes.len());
+            // One target per envelope, so this takes exactly this batch's replies.
+            for (target, reply) in request.targets.iter().zip(replies.by_ref()) {
+                answered.push(Answered {
+                    status: reply.status,
+                    replay: reply.replay,
+                });
+                reply_batch.push(target.as_ref(), reply);
             }
-            answers.push(mine);
+            answers.push(answered);
         }
         reply_batch.publish(channel).await?;
         let partitions = requests.len();
-        for (request, mine) in requests.into_iter().zip(answers) {
+        for (request, answered) in requests.into_iter().zip(answers) {
             drop(request.answer.send(GroupAnswer::Applied {
-                replies: mine,
+                answered,
                 published: published.clone(),
             }));
         }
