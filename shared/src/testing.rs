@@ -84,7 +84,7 @@ pub async fn delete_queues(config: &CommonConfig) {
     crate::broker::close_connection(connection, "test finished").await;
 }
 
-/// Drops a test's database and deletes its queues when it goes out of scope, unless disarmed,
+/// Drops a test's database and deletes its queues when it goes out of scope, unless `run` did,
 /// so a test that fails before its own clean-up leaves nothing behind (failed runs had left
 /// dozens of `wallet_test_*` databases).
 pub struct Cleanup {
@@ -98,10 +98,17 @@ impl Cleanup {
         }
     }
 
-    /// The test cleaned up by itself.
-    pub fn disarm(&mut self) {
-        self.config = None;
+    /// Cleans up now, at the end of a test that got there.
+    pub async fn run(&mut self) {
+        if let Some(config) = self.config.take() {
+            clean_up(&config).await;
+        }
     }
+}
+
+async fn clean_up(config: &CommonConfig) {
+    drop_database(&config.database_url).await;
+    delete_queues(config).await;
 }
 
 impl Drop for Cleanup {
@@ -116,10 +123,7 @@ impl Drop for Cleanup {
                 .enable_all()
                 .build()
             {
-                runtime.block_on(async {
-                    drop_database(&config.database_url).await;
-                    delete_queues(&config).await;
-                });
+                runtime.block_on(clean_up(&config));
             }
         });
         drop(cleanup.join());

@@ -410,9 +410,7 @@ impl TestSystem {
                 .expect("a process ended cleanly");
         }
         self.pool.close().await;
-        shared::testing::drop_database(&self.common.database_url).await;
-        shared::testing::delete_queues(&self.common).await;
-        self.cleanup.disarm();
+        self.cleanup.run().await;
         assert!(
             failures.is_empty(),
             "{} of {} responses do not match the OpenAPI document (/v1/openapi.json):\n{}",
