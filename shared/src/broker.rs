@@ -296,8 +296,9 @@ pub fn record_queue_depths(depths: &[QueueDepth]) {
 /// How long closing a connection may take. lapin's close waits for the broker's close-ok, and
 /// the test suite saw a worker's shutdown wait for it for more than 20 s while other tests'
 /// connections came and went. A process closes its connection last, when nothing is left
-/// unacknowledged on it, so giving up on the handshake loses nothing: dropping the connection
-/// closes the socket, and the broker requeues whatever a dropped connection still held.
+/// unacknowledged on it, so giving up on waiting loses nothing: lapin goes on closing the
+/// dropped connection in the background, the socket goes when the process exits at the latest,
+/// and the broker requeues whatever the connection still held once it is closed.
 pub const CLOSE_TIMEOUT_MS: u64 = 2_000;
 
 /// Closes a connection, giving up on the broker's answer after `CLOSE_TIMEOUT_MS`.
