@@ -15,11 +15,15 @@ use lapin::{BasicProperties, Confirmation};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use shared::broker::Topology;
 use shared::config::CommonConfig;
 use shared::ids;
 use shared::partition::partition_of;
-use shared::wire::{COMMAND_VERSION, Command, CommandEnvelope};
+use shared::wire::{
+    AddressedCommand, COMMAND_VERSION, COMMANDS_MESSAGE_TYPE, COMMANDS_VERSION, Command,
+    CommandBatch, CommandEnvelope,
+};
 use uuid::Uuid;
 
 use crate::compare::{TreasuryLag, treasury_lag};
@@ -58,6 +62,11 @@ pub struct WorkerOnlyArgs {
     /// Share of purchases (the rest are top-ups), in percent.
     #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub purchase_percent: u8,
+
+    /// Commands per message, grouped by partition as the gateway groups the commands waiting
+    /// for the same partition (`PUBLISH_BATCH_MAX`). 1 publishes every command alone.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1_024))]
+    pub commands_per_message: u16,
 
     /// Worker processes to start.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
@@ -108,6 +117,7 @@ pub struct WorkerOnlyResult {
     pub commands: usize,
     pub players: usize,
     pub purchase_percent: u8,
+    pub commands_per_message: u16,
     pub workers: u32,
     pub partitions: u16,
     pub treasury_running: bool,
@@ -270,6 +280,7 @@ async fn run_inner(
         commands: args.commands,
         players: args.players,
         purchase_percent: args.purchase_percent,
+        commands_per_message: args.commands_per_message,
         workers: args.workers,
         partitions: common.partitions,
         treasury_running: !args.no_treasury,
@@ -292,7 +303,7 @@ async fn run_inner(
 }
 
 /// Publishes the commands to their partition queues, at most
-/// [`PUBLISH_CONFIRMS_IN_FLIGHT_MAX`] awaiting their confirm.
+/// [`PUBLISH_CONFIRMS_IN_FLIGHT_MAX`] messages awaiting their confirm.
 async fn publish_commands(
     args: &WorkerOnlyArgs,
     common: &CommonConfig,
@@ -314,6 +325,9 @@ async fn publish_commands(
     let fingerprint_key = b"bench worker-only";
     let mut rng = StdRng::from_rng(&mut rand::rng());
     let mut pending = VecDeque::with_capacity(PUBLISH_CONFIRMS_IN_FLIGHT_MAX);
+    // The commands of each partition not yet published, up to --commands-per-message.
+    let mut by_partition: Vec<Vec<Box<RawValue>>> =
+        vec![Vec::new(); usize::from(common.partitions)];
     let bar = if args.no_progress {
         ProgressBar::hidden()
     } else {
@@ -360,38 +374,80 @@ async fn publish_commands(
             request_id: None,
             command,
         };
-        let payload = serde_json::to_vec(&envelope)?;
-        let routing_key = Topology::partition_routing_key(partition_of(player, common.partitions));
+        let partition = partition_of(player, common.partitions);
+        let waiting = &mut by_partition[usize::from(partition)];
+        waiting.push(serde_json::value::to_raw_value(&envelope)?);
+        if waiting.len() < usize::from(args.commands_per_message) {
+            continue;
+        }
+        let message = std::mem::take(waiting);
         if pending.len() >= PUBLISH_CONFIRMS_IN_FLIGHT_MAX
-            && let Some(confirm) = pending.pop_front()
+            && let Some((confirm, count)) = pending.pop_front()
         {
             check_confirm(confirm).await?;
-            bar.inc(1);
+            bar.inc(count);
         }
-        let confirm = channel
-            .basic_publish(
-                exchange.as_str().into(),
-                routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &payload,
-                BasicProperties::default()
-                    .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
-                    .with_content_type("application/json".into())
-                    .with_message_id(envelope.id.to_string().as_str().into()),
-            )
-            .await?;
-        pending.push_back(confirm);
+        let confirm = publish_message(&channel, &exchange, partition, &message).await?;
+        pending.push_back((confirm, message.len() as u64));
     }
-    while let Some(confirm) = pending.pop_front() {
+    for (partition, message) in (0..common.partitions).zip(by_partition) {
+        if !message.is_empty() {
+            let confirm = publish_message(&channel, &exchange, partition, &message).await?;
+            pending.push_back((confirm, message.len() as u64));
+        }
+    }
+    while let Some((confirm, count)) = pending.pop_front() {
         check_confirm(confirm).await?;
-        bar.inc(1);
+        bar.inc(count);
     }
     bar.finish_and_clear();
     drop(connection.close(200, "published".into()).await);
     Ok(())
+}
+
+/// Publishes commands of one partition as one message: a plain envelope when there is one, a
+/// `CommandBatch` (the gateway's format) when there are several. Nobody waits for replies.
+async fn publish_message(
+    channel: &lapin::Channel,
+    exchange: &str,
+    partition: u16,
+    envelopes: &[Box<RawValue>],
+) -> anyhow::Result<lapin::PublisherConfirm> {
+    let properties = BasicProperties::default()
+        .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
+        .with_content_type("application/json".into());
+    let (payload, properties) = match envelopes {
+        [single] => (single.get().as_bytes().to_vec(), properties),
+        several => {
+            let message = CommandBatch {
+                v: COMMANDS_VERSION,
+                commands: several
+                    .iter()
+                    .map(|envelope| AddressedCommand {
+                        correlation_id: "".into(),
+                        envelope,
+                    })
+                    .collect(),
+            };
+            (
+                serde_json::to_vec(&message)?,
+                properties.with_type(COMMANDS_MESSAGE_TYPE.into()),
+            )
+        }
+    };
+    let routing_key = Topology::partition_routing_key(partition);
+    Ok(channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &payload,
+            properties,
+        )
+        .await?)
 }
 
 async fn check_confirm(confirm: lapin::PublisherConfirm) -> anyhow::Result<()> {
@@ -404,9 +460,10 @@ async fn check_confirm(confirm: lapin::PublisherConfirm) -> anyhow::Result<()> {
 fn print_result(result: &WorkerOnlyResult) {
     println!();
     println!(
-        " worker-only: {} commands ({} % purchases) over {} players, {} worker(s), {} partitions, treasury {}",
+        " worker-only: {} commands ({} % purchases, {} per message) over {} players, {} worker(s), {} partitions, treasury {}",
         result.commands,
         result.purchase_percent,
+        result.commands_per_message,
         result.players,
         result.workers,
         result.partitions,

@@ -48,6 +48,14 @@ pub struct GatewayConfig {
     #[arg(long, env = "PUBLISHER_CHANNELS", default_value_t = 4)]
     pub publisher_channels: usize,
 
+    /// Most commands the gateway publishes as one message. The commands that wait for the same
+    /// partition while its last message is being confirmed go together, so under load the broker
+    /// handles one message per group of commands instead of one per command. 1 publishes every
+    /// command alone in the format of workers older than command batches: use it while such
+    /// workers still run (deploy workers first, then gateways).
+    #[arg(long, env = "PUBLISH_BATCH_MAX", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1_024))]
+    pub publish_batch_max: u16,
+
     /// Longest time any request may take before it is answered 503.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,

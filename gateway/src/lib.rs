@@ -217,6 +217,7 @@ pub async fn build_state(
         Topology::from_config(&config.common),
         config.publisher_channels,
         config.in_flight_max,
+        usize::from(config.publish_batch_max),
     );
     tokio::spawn(Arc::clone(&publisher).run(
         config.common.amqp_url.clone(),

@@ -1,6 +1,13 @@
 //! Publishing commands to the partition queues with publisher confirms, and routing the workers'
 //! replies (direct reply-to) back to the waiting requests. Reconnects by itself; while the
 //! broker is away every publish fails fast with 503 and nothing is answered 2xx unconfirmed.
+//!
+//! Commands are published in batches, one task per partition: a request queues its command for
+//! its partition, and the partition's task publishes whatever has queued as one message
+//! (`shared::wire::CommandBatch`), waits for the broker's confirm and tells each request. While
+//! one message is being confirmed the next commands queue, so a message carries one command when
+//! the gateway is quiet and more as the load grows, without waiting on a timer. The broker's cost
+//! is mostly per message, so this is what lets it keep up with thousands of commands a second.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,8 +22,11 @@ use lapin::{BasicProperties, Channel, Confirmation};
 use shared::backoff::Backoff;
 use shared::broker::Topology;
 use shared::partition::partition_of;
-use shared::wire::{CommandEnvelope, CommandReply};
-use tokio::sync::{Semaphore, oneshot};
+use shared::wire::{
+    AddressedCommand, COMMANDS_MESSAGE_TYPE, COMMANDS_VERSION, CommandBatch, CommandEnvelope,
+    CommandReply,
+};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
@@ -27,6 +37,9 @@ const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 const DELIVERY_MODE_PERSISTENT: u8 = 2;
 /// How long the broker may take to confirm a publish before the request fails with 503.
 const CONFIRM_TIMEOUT_MS: u64 = 5_000;
+/// A batch stops taking commands once its JSON is this large (the first command always goes):
+/// it keeps one message far below the broker's frame and message limits.
+const PUBLISH_BATCH_BYTES_MAX: usize = 1024 * 1024;
 
 pub enum PublishOutcome {
     /// The worker answered in time.
@@ -47,6 +60,21 @@ pub struct Publisher {
     pending: Mutex<HashMap<String, oneshot::Sender<CommandReply>>>,
     in_flight: Semaphore,
     channels: usize,
+    /// Most commands in one message.
+    batch_max: usize,
+    /// Each partition's queue of commands waiting to be published.
+    queues: Vec<mpsc::Sender<Queued>>,
+    /// The receiving ends, taken by `run`, which starts the partitions' publishing tasks.
+    receivers: Mutex<Vec<mpsc::Receiver<Queued>>>,
+}
+
+/// A command waiting for its partition's next message.
+struct Queued {
+    envelope: Box<serde_json::value::RawValue>,
+    command_id: uuid::Uuid,
+    correlation_id: String,
+    /// Told whether the broker confirmed the message that carried the command.
+    confirmed: oneshot::Sender<bool>,
 }
 
 /// Removes a pending reply slot however the request ends (answered, timed out or cancelled).
@@ -64,13 +92,25 @@ impl Drop for PendingSlot<'_> {
 }
 
 impl Publisher {
-    pub fn new(topology: Topology, channels: usize, in_flight_max: usize) -> Arc<Self> {
+    pub fn new(
+        topology: Topology,
+        channels: usize,
+        in_flight_max: usize,
+        batch_max: usize,
+    ) -> Arc<Self> {
+        // Each queue is bounded by everything that may be in flight, which the semaphore bounds.
+        let (queues, receivers) = (0..topology.partitions)
+            .map(|_| mpsc::channel(in_flight_max.max(1)))
+            .unzip();
         Arc::new(Self {
             topology,
             live: RwLock::new(None),
             pending: Mutex::new(HashMap::new()),
             in_flight: Semaphore::new(in_flight_max),
             channels: channels.max(1),
+            batch_max: batch_max.max(1),
+            queues,
+            receivers: Mutex::new(receivers),
         })
     }
 
@@ -96,16 +136,19 @@ impl Publisher {
                 "too many commands are waiting for an answer; retry shortly".to_string(),
             )
         })?;
-        let channel = self.pick_channel().ok_or(ApiError::Unavailable {
+        let unavailable = || ApiError::Unavailable {
             code: "broker_unavailable",
             what: "the message broker",
-        })?;
+        };
+        if !self.is_connected() {
+            return Err(unavailable());
+        }
         let partition = partition_of(
             envelope.command.partition_player(),
             self.topology.partitions,
         );
-        let payload =
-            serde_json::to_vec(envelope).map_err(|error| ApiError::Internal(error.into()))?;
+        let raw = serde_json::value::to_raw_value(envelope)
+            .map_err(|error| ApiError::Internal(error.into()))?;
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let (sender, receiver) = oneshot::channel();
         if let Ok(mut pending) = self.pending.lock() {
@@ -115,50 +158,136 @@ impl Publisher {
             publisher: self,
             correlation_id: correlation_id.clone(),
         };
-        let unavailable = || ApiError::Unavailable {
-            code: "broker_unavailable",
-            what: "the message broker",
+        let (confirmed, confirmation) = oneshot::channel();
+        self.queues[usize::from(partition)]
+            .try_send(Queued {
+                envelope: raw,
+                command_id: envelope.id,
+                correlation_id,
+                confirmed,
+            })
+            .map_err(|_| unavailable())?;
+        // False, or the partition's task gone (the gateway stopping): not taken by the broker.
+        if !confirmation.await.unwrap_or(false) {
+            tracing::warn!(command_id = %envelope.id, "the broker did not take the command");
+            return Err(unavailable());
+        }
+        match tokio::time::timeout(reply_timeout, receiver).await {
+            Ok(Ok(reply)) => Ok(PublishOutcome::Replied(reply)),
+            _ => Ok(PublishOutcome::Accepted),
+        }
+    }
+
+    /// One partition's publishing task: takes what has queued (up to `batch_max` commands),
+    /// publishes it as one message, waits for the confirm and tells each request, until `stop`.
+    async fn publish_partition(
+        self: Arc<Self>,
+        partition: u16,
+        mut queue: mpsc::Receiver<Queued>,
+        stop: CancellationToken,
+    ) {
+        let mut batch: Vec<Queued> = Vec::with_capacity(self.batch_max);
+        loop {
+            let first = tokio::select! {
+                () = stop.cancelled() => return,
+                first = queue.recv() => first,
+            };
+            let Some(first) = first else { return };
+            let mut bytes = first.envelope.get().len();
+            batch.push(first);
+            while batch.len() < self.batch_max && bytes < PUBLISH_BATCH_BYTES_MAX {
+                let Ok(next) = queue.try_recv() else { break };
+                bytes += next.envelope.get().len();
+                batch.push(next);
+            }
+            // A request that gave up before its command was published (its client went away,
+            // or its deadline passed) has its command dropped, as it would have been had it
+            // never reached the queue: nobody waits for it, and a retry carries the same key.
+            batch.retain(|queued| !queued.confirmed.is_closed());
+            if batch.is_empty() {
+                continue;
+            }
+            metrics::histogram!("wallet_publish_batch_commands").record(batch.len() as f64);
+            let confirmed = self.publish_batch(partition, &batch).await;
+            for queued in batch.drain(..) {
+                // The request may have stopped waiting; then nobody needs to know.
+                _ = queued.confirmed.send(confirmed);
+            }
+        }
+    }
+
+    /// Publishes a partition's queued commands as one message and waits for the broker's
+    /// confirm. One command goes as a plain envelope, as every worker version reads it.
+    async fn publish_batch(&self, partition: u16, batch: &[Queued]) -> bool {
+        let Some(channel) = self.pick_channel() else {
+            return false;
         };
-        let confirm = channel
+        let properties = BasicProperties::default()
+            .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
+            .with_content_type("application/json".into())
+            .with_reply_to(DIRECT_REPLY_TO.into());
+        let (payload, properties) = match batch {
+            [single] => (
+                single.envelope.get().as_bytes().to_vec(),
+                properties
+                    .with_message_id(single.command_id.to_string().as_str().into())
+                    .with_correlation_id(single.correlation_id.as_str().into()),
+            ),
+            several => {
+                let message = CommandBatch {
+                    v: COMMANDS_VERSION,
+                    commands: several
+                        .iter()
+                        .map(|queued| AddressedCommand {
+                            correlation_id: queued.correlation_id.as_str().into(),
+                            envelope: &queued.envelope,
+                        })
+                        .collect(),
+                };
+                match serde_json::to_vec(&message) {
+                    Ok(payload) => (payload, properties.with_type(COMMANDS_MESSAGE_TYPE.into())),
+                    Err(error) => {
+                        tracing::error!(%error, "could not encode a batch of commands");
+                        return false;
+                    }
+                }
+            }
+        };
+        let confirm = match channel
             .basic_publish(
                 self.topology.commands_exchange().as_str().into(),
                 Topology::partition_routing_key(partition).as_str().into(),
-                // Mandatory: a command that no queue would take comes back as an error
-                // instead of being confirmed and dropped.
+                // Mandatory: a message that no queue would take comes back as an error instead
+                // of being confirmed and dropped.
                 BasicPublishOptions {
                     mandatory: true,
                     immediate: false,
                 },
                 &payload,
-                BasicProperties::default()
-                    .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
-                    .with_content_type("application/json".into())
-                    .with_message_id(envelope.id.to_string().as_str().into())
-                    .with_correlation_id(correlation_id.as_str().into())
-                    .with_reply_to(DIRECT_REPLY_TO.into()),
+                properties,
             )
             .await
-            .map_err(|error| {
+        {
+            Ok(confirm) => confirm,
+            Err(error) => {
                 tracing::warn!(%error, "publish failed");
-                unavailable()
-            })?;
-        let confirmation = tokio::time::timeout(Duration::from_millis(CONFIRM_TIMEOUT_MS), confirm)
-            .await
-            .map_err(|_| unavailable())?
-            .map_err(|error| {
-                tracing::warn!(%error, "publish not confirmed");
-                unavailable()
-            })?;
-        match confirmation {
-            Confirmation::Ack(None) => {}
-            Confirmation::Ack(Some(_)) | Confirmation::Nack(_) | Confirmation::NotRequested => {
-                tracing::warn!(command_id = %envelope.id, "the broker did not take the command");
-                return Err(unavailable());
+                return false;
             }
-        }
-        match tokio::time::timeout(reply_timeout, receiver).await {
-            Ok(Ok(reply)) => Ok(PublishOutcome::Replied(reply)),
-            _ => Ok(PublishOutcome::Accepted),
+        };
+        match tokio::time::timeout(Duration::from_millis(CONFIRM_TIMEOUT_MS), confirm).await {
+            Ok(Ok(Confirmation::Ack(None))) => true,
+            Ok(Ok(_)) => false,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "publish not confirmed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = CONFIRM_TIMEOUT_MS,
+                    "the broker did not confirm in time"
+                );
+                false
+            }
         }
     }
 
@@ -211,6 +340,19 @@ impl Publisher {
         retry_backoff_max_ms: u64,
         shutdown: CancellationToken,
     ) {
+        let receivers = self
+            .receivers
+            .lock()
+            .map(|mut receivers| std::mem::take(&mut *receivers))
+            .unwrap_or_default();
+        let mut partitions = tokio::task::JoinSet::new();
+        for (partition, queue) in (0..self.topology.partitions).zip(receivers) {
+            partitions.spawn(Arc::clone(&self).publish_partition(
+                partition,
+                queue,
+                shutdown.clone(),
+            ));
+        }
         let mut backoff = Backoff::new(retry_backoff_max_ms);
         while !shutdown.is_cancelled() {
             match self.run_connected(&amqp_url, &shutdown).await {
@@ -233,6 +375,7 @@ impl Publisher {
         if let Ok(mut live) = self.live.write() {
             *live = None;
         }
+        partitions.join_all().await;
     }
 
     async fn run_connected(

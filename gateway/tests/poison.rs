@@ -16,7 +16,80 @@ use reqwest::StatusCode;
 use serde_json::json;
 use shared::broker::Topology;
 use shared::partition::partition_of;
-use shared::wire::{COMMAND_VERSION, Command, CommandEnvelope, CommandReply};
+use shared::wire::{
+    AddressedCommand, COMMAND_VERSION, COMMANDS_MESSAGE_TYPE, COMMANDS_VERSION, Command,
+    CommandBatch, CommandEnvelope, CommandReply,
+};
+
+/// A connection of the test's own that publishes to the partition queues directly, with a
+/// reply queue.
+struct Direct {
+    connection: lapin::Connection,
+    channel: lapin::Channel,
+    reply_queue: String,
+    replies: lapin::Consumer,
+}
+
+impl Direct {
+    async fn open(system: &TestSystem) -> Self {
+        let connection = shared::broker::connect(&system.common.amqp_url, "poison test")
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let reply_queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let replies = channel
+            .basic_consume(
+                reply_queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Self {
+            connection,
+            channel,
+            reply_queue: reply_queue.name().to_string(),
+            replies,
+        }
+    }
+
+    /// Waits for `count` replies, by correlation id.
+    async fn replies(&mut self, count: usize) -> Vec<(String, CommandReply)> {
+        let mut answers = Vec::new();
+        while answers.len() < count {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), self.replies.next())
+                .await
+                .expect("a reply")
+                .unwrap()
+                .unwrap();
+            answers.extend(common::read_replies(&delivery));
+        }
+        answers
+    }
+
+    async fn close(self) {
+        drop(self.connection.close(200, "done".into()).await);
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_is_dead_lettered_listed_and_replayable() {
@@ -31,44 +104,14 @@ async fn poison_is_dead_lettered_listed_and_replayable() {
     let topology = Topology::from_config(&system.common);
     let routing_key = Topology::partition_routing_key(partition_of(player_id, topology.partitions));
 
-    let connection = shared::broker::connect(&system.common.amqp_url, "poison test")
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let replies_queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut replies = channel
-        .basic_consume(
-            replies_queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut direct = Direct::open(&system).await;
     let unknown_version = json!({ "v": 99, "id": uuid::Uuid::new_v4(), "command": {} }).to_string();
     for payload in [
         b"\xff not json at all".to_vec(),
         unknown_version.into_bytes(),
     ] {
-        channel
+        direct
+            .channel
             .basic_publish(
                 topology.commands_exchange().as_str().into(),
                 routing_key.as_str().into(),
@@ -76,7 +119,7 @@ async fn poison_is_dead_lettered_listed_and_replayable() {
                 &payload,
                 BasicProperties::default()
                     .with_delivery_mode(2)
-                    .with_reply_to(replies_queue.name().clone())
+                    .with_reply_to(direct.reply_queue.as_str().into())
                     .with_correlation_id("poison".into()),
             )
             .await
@@ -84,21 +127,16 @@ async fn poison_is_dead_lettered_listed_and_replayable() {
             .await
             .unwrap();
     }
-    let mut answers: Vec<CommandReply> = Vec::new();
-    while answers.len() < 2 {
-        let delivery = tokio::time::timeout(Duration::from_secs(10), replies.next())
-            .await
-            .expect("a reply")
-            .unwrap()
-            .unwrap();
-        // The replies of one batch to one reply queue come as one message.
-        answers.extend(common::read_replies(&delivery).into_iter().map(
-            |(correlation_id, reply)| {
-                assert_eq!(correlation_id, "poison");
-                reply
-            },
-        ));
-    }
+    // The replies of one batch to one reply queue come as one message.
+    let answers: Vec<CommandReply> = direct
+        .replies(2)
+        .await
+        .into_iter()
+        .map(|(correlation_id, reply)| {
+            assert_eq!(correlation_id, "poison");
+            reply
+        })
+        .collect();
     assert_eq!(answers.len(), 2);
     for reply in answers {
         assert_eq!(reply.status, 500);
@@ -215,6 +253,121 @@ async fn poison_is_dead_lettered_listed_and_replayable() {
         "the replayed poison came back as a new dead letter"
     );
     assert_eq!(system.top_up(&token, 1).await.body["balance"], 43);
-    drop(connection.close(200, "done".into()).await);
+    direct.close().await;
+    system.finish().await;
+}
+
+/// A message from a gateway may carry several commands (`shared::wire::CommandBatch`): each is
+/// applied and answered on its own, an unreadable one goes to the dead letters alone, and the
+/// message delivered twice applies nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_messages_settle_each_command_on_its_own() {
+    let system = TestSystem::start().await;
+    let token = system.player("batched").await;
+    let player_id = system.player_id("batched").await;
+    let topology = Topology::from_config(&system.common);
+    let routing_key = Topology::partition_routing_key(partition_of(player_id, topology.partitions));
+    let mut direct = Direct::open(&system).await;
+
+    let top_up = |amount| {
+        let envelope = CommandEnvelope {
+            v: COMMAND_VERSION,
+            id: uuid::Uuid::new_v4(),
+            principal: format!("player:{player_id}"),
+            fingerprint: format!("batched-{amount}"),
+            request_id: None,
+            command: Command::TopUp { player_id, amount },
+        };
+        serde_json::value::to_raw_value(&envelope).unwrap()
+    };
+    let (five, seven) = (top_up(5), top_up(7));
+    let unreadable =
+        serde_json::value::RawValue::from_string(r#"{"v":1,"id":"not a uuid"}"#.to_string())
+            .unwrap();
+    let message = CommandBatch {
+        v: COMMANDS_VERSION,
+        commands: vec![
+            AddressedCommand {
+                correlation_id: "five".into(),
+                envelope: &five,
+            },
+            AddressedCommand {
+                correlation_id: "unreadable".into(),
+                envelope: &unreadable,
+            },
+            AddressedCommand {
+                correlation_id: "seven".into(),
+                envelope: &seven,
+            },
+        ],
+    };
+    let payload = serde_json::to_vec(&message).unwrap();
+    let mut rounds = Vec::new();
+    // The same message twice, as after a redelivery.
+    for _ in 0..2 {
+        direct
+            .channel
+            .basic_publish(
+                topology.commands_exchange().as_str().into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_type(COMMANDS_MESSAGE_TYPE.into())
+                    .with_reply_to(direct.reply_queue.as_str().into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let mut answers = direct.replies(3).await;
+        answers.sort_by(|left, right| left.0.cmp(&right.0));
+        rounds.push(answers);
+    }
+    for (round, answers) in rounds.iter().enumerate() {
+        let replay = round == 1;
+        let by_id: Vec<(&str, u16, bool)> = answers
+            .iter()
+            .map(|(id, reply)| (id.as_str(), reply.status, reply.replay))
+            .collect();
+        assert_eq!(
+            by_id,
+            vec![
+                ("five", 200, replay),
+                ("seven", 200, replay),
+                ("unreadable", 500, false)
+            ],
+            "round {round}"
+        );
+        assert_eq!(answers[2].1.body["code"], "command_dead_lettered");
+    }
+    // The first round's answers and the replayed ones are the same results.
+    assert_eq!(rounds[0][0].1.body, rounds[1][0].1.body);
+    assert_eq!(rounds[0][1].1.body, rounds[1][1].1.body);
+    assert_eq!(
+        system.balance(&token).await["balance"],
+        12,
+        "each command applied once"
+    );
+
+    // Only the unreadable command is set aside, once per delivery, as a message of its own.
+    let parked: Vec<(String, Vec<u8>)> = loop {
+        let rows: Vec<(String, Vec<u8>)> =
+            sqlx::query_as("SELECT reason, payload FROM dead_letters ORDER BY id")
+                .fetch_all(&system.pool)
+                .await
+                .unwrap();
+        if rows.len() >= 2 {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(parked.len(), 2, "{parked:?}");
+    for (reason, payload) in &parked {
+        assert!(reason.starts_with("undecodable command"), "{reason}");
+        assert_eq!(payload, unreadable.get().as_bytes());
+    }
+    direct.close().await;
     system.finish().await;
 }

@@ -175,6 +175,96 @@ pub struct TreasuryMessage {
     pub request_ids: Vec<String>,
 }
 
+/// The AMQP message type of a message carrying several commands ([`CommandBatch`]). A message
+/// without it carries one [`CommandEnvelope`], answered at the message's correlation id.
+pub const COMMANDS_MESSAGE_TYPE: &str = "wallet.command-batch";
+/// Version of [`CommandBatch`].
+pub const COMMANDS_VERSION: u32 = 1;
+/// Most commands one message may carry. A worker dead-letters a message with more unread, so
+/// no publisher can make it take an unbounded batch.
+pub const COMMANDS_PER_MESSAGE_MAX: usize = 1_024;
+
+/// One command of a [`CommandBatch`] and the correlation id its answer goes to. The envelope is
+/// kept as raw JSON: the gateway serialises each envelope in its request's task and the batch
+/// only joins them, and a worker reads each one on its own, so one unreadable command is
+/// dead-lettered without its neighbours.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AddressedCommand<'a> {
+    #[serde(borrow)]
+    pub correlation_id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    pub envelope: &'a serde_json::value::RawValue,
+}
+
+/// Several commands for the same partition in one message: the gateway publishes the commands
+/// that wait for the same partition together, so the broker stores, delivers and acknowledges
+/// one message per group of commands instead of one per command.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CommandBatch<'a> {
+    /// See [`COMMANDS_VERSION`].
+    pub v: u32,
+    #[serde(borrow)]
+    pub commands: Vec<AddressedCommand<'a>>,
+}
+
+/// A command read from a message, or why it could not be.
+#[derive(Debug, PartialEq)]
+pub struct ReceivedCommand {
+    /// The correlation id of a batch's command; None for a single-command message, which is
+    /// answered at the message's own correlation id.
+    pub correlation_id: Option<String>,
+    pub command: Result<CommandEnvelope, UnreadableCommand>,
+}
+
+/// A command that cannot be applied as it is: it goes to the dead-letter queue.
+#[derive(Debug, PartialEq)]
+pub struct UnreadableCommand {
+    pub reason: String,
+    /// Its own bytes when it came in a batch; None when it is the whole message.
+    pub raw: Option<String>,
+}
+
+/// Reads a message from a partition queue, batched or single, into its commands. Err when the
+/// message as a whole cannot be read (a batch that is not one, or one of an unknown version or
+/// too large): it goes to the dead-letter queue whole.
+pub fn decode_commands(
+    message_type: Option<&str>,
+    data: &[u8],
+) -> Result<Vec<ReceivedCommand>, String> {
+    if message_type != Some(COMMANDS_MESSAGE_TYPE) {
+        let command =
+            decode_command(data).map_err(|reason| UnreadableCommand { reason, raw: None });
+        return Ok(vec![ReceivedCommand {
+            correlation_id: None,
+            command,
+        }]);
+    }
+    let batch: CommandBatch<'_> =
+        serde_json::from_slice(data).map_err(|error| format!("undecodable batch: {error}"))?;
+    if batch.v != COMMANDS_VERSION {
+        return Err(format!("unknown batch version {}", batch.v));
+    }
+    if batch.commands.len() > COMMANDS_PER_MESSAGE_MAX {
+        return Err(format!(
+            "a batch of {} commands, over the limit of {COMMANDS_PER_MESSAGE_MAX}",
+            batch.commands.len()
+        ));
+    }
+    Ok(batch
+        .commands
+        .into_iter()
+        .map(|addressed| ReceivedCommand {
+            command: decode_command(addressed.envelope.get().as_bytes()).map_err(|reason| {
+                UnreadableCommand {
+                    reason,
+                    raw: Some(addressed.envelope.get().to_string()),
+                }
+            }),
+            correlation_id: Some(addressed.correlation_id.into_owned()),
+        })
+        .collect())
+}
+
 /// Decodes a command envelope, telling apart bytes that are not a command at all from a
 /// command of a version this build does not know.
 pub fn decode_command(bytes: &[u8]) -> Result<CommandEnvelope, String> {
@@ -193,8 +283,10 @@ pub fn decode_command(bytes: &[u8]) -> Result<CommandEnvelope, String> {
 #[cfg(test)]
 mod tests {
     use super::{
-        AddressedReply, CommandReplies, CommandReply, REPLIES_MESSAGE_TYPE, REPLIES_VERSION,
-        TreasuryMessage, decode_replies,
+        AddressedCommand, AddressedReply, COMMAND_VERSION, COMMANDS_MESSAGE_TYPE,
+        COMMANDS_PER_MESSAGE_MAX, COMMANDS_VERSION, Command, CommandBatch, CommandEnvelope,
+        CommandReplies, CommandReply, REPLIES_MESSAGE_TYPE, REPLIES_VERSION, TreasuryMessage,
+        decode_commands, decode_replies,
     };
     use uuid::Uuid;
 
@@ -251,5 +343,87 @@ mod tests {
         );
         assert!(decode_replies(None, None, &single).is_err());
         assert!(decode_replies(Some(REPLIES_MESSAGE_TYPE), None, b"not json").is_err());
+    }
+
+    fn top_up(amount: i64) -> CommandEnvelope {
+        CommandEnvelope {
+            v: COMMAND_VERSION,
+            id: Uuid::new_v4(),
+            principal: "system".to_string(),
+            fingerprint: "f".to_string(),
+            request_id: None,
+            command: Command::TopUp {
+                player_id: Uuid::new_v4(),
+                amount,
+            },
+        }
+    }
+
+    #[test]
+    fn command_batches_decode_each_command_on_its_own() {
+        let (first, second) = (top_up(5), top_up(7));
+        let raw = |envelope: &CommandEnvelope| serde_json::value::to_raw_value(envelope).unwrap();
+        let (first_raw, second_raw) = (raw(&first), raw(&second));
+        let unreadable =
+            serde_json::value::RawValue::from_string(r#"{"v":1,"id":"not a uuid"}"#.to_string())
+                .unwrap();
+        let batch = CommandBatch {
+            v: COMMANDS_VERSION,
+            commands: vec![
+                AddressedCommand {
+                    correlation_id: "a".into(),
+                    envelope: &first_raw,
+                },
+                AddressedCommand {
+                    correlation_id: "b".into(),
+                    envelope: &unreadable,
+                },
+                AddressedCommand {
+                    correlation_id: "c".into(),
+                    envelope: &second_raw,
+                },
+            ],
+        };
+        let data = serde_json::to_vec(&batch).unwrap();
+        let decoded = decode_commands(Some(COMMANDS_MESSAGE_TYPE), &data).expect("a batch");
+        assert_eq!(decoded.len(), 3);
+        assert_eq!(decoded[0].correlation_id.as_deref(), Some("a"));
+        assert_eq!(decoded[0].command.as_ref().unwrap(), &first);
+        assert_eq!(decoded[2].command.as_ref().unwrap(), &second);
+        let bad = decoded[1].command.as_ref().unwrap_err();
+        assert!(bad.reason.starts_with("undecodable command"), "{bad:?}");
+        assert_eq!(bad.raw.as_deref(), Some(r#"{"v":1,"id":"not a uuid"}"#));
+
+        // Without the batch type, a message is one command answered at its own correlation id.
+        let single = serde_json::to_vec(&first).unwrap();
+        let decoded = decode_commands(None, &single).unwrap();
+        assert_eq!(decoded.len(), 1);
+        assert_eq!(decoded[0].correlation_id, None);
+        assert_eq!(decoded[0].command.as_ref().unwrap(), &first);
+        let decoded = decode_commands(None, b"not json").unwrap();
+        assert_eq!(decoded[0].command.as_ref().unwrap_err().raw, None);
+
+        // A batch that cannot be read as a whole is refused whole.
+        assert!(decode_commands(Some(COMMANDS_MESSAGE_TYPE), &single).is_err());
+        let unknown = r#"{"v":9,"commands":[]}"#;
+        assert_eq!(
+            decode_commands(Some(COMMANDS_MESSAGE_TYPE), unknown.as_bytes()).unwrap_err(),
+            "unknown batch version 9"
+        );
+        let too_many = CommandBatch {
+            v: COMMANDS_VERSION,
+            commands: (0..=COMMANDS_PER_MESSAGE_MAX)
+                .map(|_| AddressedCommand {
+                    correlation_id: "x".into(),
+                    envelope: &first_raw,
+                })
+                .collect(),
+        };
+        let data = serde_json::to_vec(&too_many).unwrap();
+        assert!(
+            decode_commands(Some(COMMANDS_MESSAGE_TYPE), &data)
+                .unwrap_err()
+                .contains("over the limit")
+        );
     }
 }

@@ -16,7 +16,9 @@ use shared::backoff::Backoff;
 use shared::broker::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, Topology};
 use shared::db::is_transient;
 use shared::domain::error_body;
-use shared::wire::{CommandEnvelope, CommandReply, TreasuryMessage, decode_command};
+use shared::wire::{
+    CommandEnvelope, CommandReply, TreasuryMessage, UnreadableCommand, decode_commands,
+};
 use sqlx::PgPool;
 use sqlx::types::Json;
 use tokio_util::sync::CancellationToken;
@@ -96,15 +98,17 @@ impl PartitionConsumer {
                 () = stop.cancelled() => break,
                 next = consumer.next() => next,
             };
-            let first = match first {
-                Some(delivery) => delivery.context("receiving a delivery")?,
-                None => anyhow::bail!("the consumer of {queue} was cancelled by the broker"),
+            let Some(first) = first else {
+                anyhow::bail!("the consumer of {queue} was cancelled by the broker")
             };
-            let mut batch = vec![first];
+            let mut batch = Received::default();
+            batch.add(first.context("receiving a delivery")?);
             let deadline = tokio::time::Instant::now() + self.batch_wait;
-            while batch.len() < self.batch_size_max {
+            // The bound counts commands, not messages: a message from a gateway may carry
+            // several (`shared::wire::CommandBatch`).
+            while batch.sources.len() + batch.unreadable.len() < self.batch_size_max {
                 match tokio::time::timeout_at(deadline, consumer.next()).await {
-                    Ok(Some(delivery)) => batch.push(delivery.context("receiving a delivery")?),
+                    Ok(Some(delivery)) => batch.add(delivery.context("receiving a delivery")?),
                     Ok(None) | Err(_) => break,
                 }
             }
@@ -129,40 +133,22 @@ impl PartitionConsumer {
     }
 
     /// Applies one batch and settles it. Ok(false) when stopped before it could be applied.
-    async fn process(
-        &self,
-        batch: Vec<Delivery>,
-        stop: &CancellationToken,
-    ) -> anyhow::Result<bool> {
+    async fn process(&self, batch: Received, stop: &CancellationToken) -> anyhow::Result<bool> {
         let started = std::time::Instant::now();
-        let mut decoded: Vec<(usize, CommandEnvelope)> = Vec::with_capacity(batch.len());
-        let mut poison: Vec<(usize, String)> = Vec::new();
-        for (index, delivery) in batch.iter().enumerate() {
-            match decode_command(&delivery.data) {
-                Ok(envelope) => decoded.push((index, envelope)),
-                Err(reason) => poison.push((index, reason)),
-            }
-        }
-        let envelopes: std::sync::Arc<Vec<CommandEnvelope>> = std::sync::Arc::new(
-            decoded
-                .iter()
-                .map(|(_, envelope)| envelope.clone())
-                .collect(),
-        );
-        let targets: Vec<Option<ReplyTarget>> = decoded
-            .iter()
-            .map(|(index, _)| ReplyTarget::of(&batch[*index]))
-            .collect();
+        let Received {
+            deliveries,
+            envelopes,
+            sources,
+            unreadable,
+        } = batch;
+        let envelopes = std::sync::Arc::new(envelopes);
         let mut results = Vec::new();
         let mut group_published = None;
         let grouped = match &self.group {
             Some(group) if !envelopes.is_empty() => {
+                let targets = sources.iter().map(|source| source.target.clone()).collect();
                 group
-                    .apply(
-                        self.partition,
-                        std::sync::Arc::clone(&envelopes),
-                        targets.clone(),
-                    )
+                    .apply(self.partition, std::sync::Arc::clone(&envelopes), targets)
                     .await
             }
             _ => GroupAnswer::ApplyAlone,
@@ -206,15 +192,19 @@ impl PartitionConsumer {
         let mut replies = ReplyBatch::default();
         // Commands by kind and outcome, counted here and added to the metric once per batch.
         let mut settled: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
-        for (index, reason) in &poison {
+        for (source, command) in &unreadable {
             *settled.entry(("undecodable", "dead_lettered")).or_default() += 1;
-            confirms.push(self.dead_letter(&batch[*index], reason).await?);
-            replies.push(
-                ReplyTarget::of(&batch[*index]).as_ref(),
-                poison_reply(reason),
+            let own = command.raw.as_ref().map(|raw| OwnCommand {
+                json: raw.as_bytes().to_vec(),
+                command_id: None,
+            });
+            confirms.push(
+                self.dead_letter(&deliveries[source.delivery], source, own, &command.reason)
+                    .await?,
             );
+            replies.push(source.target.as_ref(), poison_reply(&command.reason));
         }
-        for (((index, envelope), outcome), target) in decoded.iter().zip(outcomes).zip(&targets) {
+        for ((envelope, outcome), source) in envelopes.iter().zip(outcomes).zip(&sources) {
             let kind = envelope.command.kind();
             let (answered, unsent) = match outcome {
                 Outcome::Reply(reply) => (
@@ -233,7 +223,20 @@ impl PartitionConsumer {
                         %reason,
                         "command dead-lettered"
                     );
-                    confirms.push(self.dead_letter(&batch[*index], &reason).await?);
+                    // A command of a batch message goes to the dead-letter queue alone; its
+                    // neighbours were applied.
+                    let own = if source.batched {
+                        Some(OwnCommand {
+                            json: serde_json::to_vec(envelope)?,
+                            command_id: Some(envelope.id),
+                        })
+                    } else {
+                        None
+                    };
+                    confirms.push(
+                        self.dead_letter(&deliveries[source.delivery], source, own, &reason)
+                            .await?,
+                    );
                     let reply = CommandReply {
                         command_id: envelope.id,
                         status: 500,
@@ -244,7 +247,7 @@ impl PartitionConsumer {
                         ),
                         replay: false,
                     };
-                    replies.push(target.as_ref(), reply);
+                    replies.push(source.target.as_ref(), reply);
                     continue;
                 }
             };
@@ -268,7 +271,7 @@ impl PartitionConsumer {
                 "command settled"
             );
             if let Some(reply) = unsent {
-                replies.push(target.as_ref(), reply);
+                replies.push(source.target.as_ref(), reply);
             }
         }
         replies.publish(&self.channel).await?;
@@ -293,7 +296,7 @@ impl PartitionConsumer {
             // Harmless: the sweep republishes them and follow-ups are idempotent.
             tracing::warn!(%error, "could not mark follow-ups published");
         }
-        if let Some(last) = batch.last() {
+        if let Some(last) = deliveries.last() {
             // One acknowledgement for the whole batch: every delivery up to this tag is done.
             self.channel
                 .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
@@ -316,11 +319,14 @@ impl PartitionConsumer {
             metrics::counter!("wallet_commands_total", "kind" => kind, "outcome" => outcome)
                 .increment(count);
         }
-        metrics::histogram!("wallet_batch_size").record(batch.len() as f64);
+        let commands = sources.len() + unreadable.len();
+        metrics::histogram!("wallet_batch_size").record(commands as f64);
+        metrics::histogram!("wallet_batch_messages").record(deliveries.len() as f64);
         metrics::histogram!("wallet_batch_seconds").record(started.elapsed().as_secs_f64());
         tracing::debug!(
             partition = self.partition,
-            size = batch.len(),
+            size = commands,
+            messages = deliveries.len(),
             applied,
             rejected,
             replayed,
@@ -391,9 +397,14 @@ impl PartitionConsumer {
         Ok(result)
     }
 
+    /// Sets a command aside in the dead-letter queue, with the reason and the queue it came
+    /// from. A single-command message goes as it came; a command of a batch message goes alone
+    /// (`own` is its JSON), as a single-command message that an operator can replay.
     async fn dead_letter(
         &self,
         delivery: &Delivery,
+        source: &Source,
+        own: Option<OwnCommand>,
         reason: &str,
     ) -> anyhow::Result<lapin::PublisherConfirm> {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
@@ -405,20 +416,99 @@ impl PartitionConsumer {
             ShortString::from(DEAD_LETTER_SOURCE_HEADER),
             AMQPValue::LongString(LongString::from(delivery.routing_key.to_string())),
         );
+        let (payload, properties) = match &own {
+            None => (&delivery.data[..], delivery.properties.clone()),
+            Some(own) => {
+                let mut properties =
+                    BasicProperties::default().with_content_type("application/json".into());
+                if let Some(target) = &source.target {
+                    properties = target.describe(properties);
+                }
+                if let Some(command_id) = own.command_id {
+                    properties = properties.with_message_id(command_id.to_string().as_str().into());
+                }
+                (&own.json[..], properties)
+            }
+        };
         self.channel
             .basic_publish(
                 "".into(),
                 self.topology.dead_letter_queue().as_str().into(),
                 BasicPublishOptions::default(),
-                &delivery.data,
-                delivery
-                    .properties
-                    .clone()
+                payload,
+                properties
                     .with_headers(headers)
                     .with_delivery_mode(DELIVERY_MODE_PERSISTENT),
             )
             .await
             .context("publishing a dead letter")
+    }
+}
+
+/// A command of a batch message on its way to the dead-letter queue alone.
+struct OwnCommand {
+    json: Vec<u8>,
+    /// Its id, when it could be read.
+    command_id: Option<uuid::Uuid>,
+}
+
+/// Where a command of a batch came from and where its answer goes.
+pub(crate) struct Source {
+    /// Its delivery's index in the batch.
+    delivery: usize,
+    target: Option<ReplyTarget>,
+    /// True when its message carried several commands: it is dead-lettered on its own.
+    batched: bool,
+}
+
+/// A partition's batch as it is collected: the deliveries and the commands read from them.
+#[derive(Default)]
+pub(crate) struct Received {
+    deliveries: Vec<Delivery>,
+    envelopes: Vec<CommandEnvelope>,
+    /// Where each envelope came from, in the same order.
+    sources: Vec<Source>,
+    /// Commands (or whole messages) that cannot be read: they go to the dead-letter queue.
+    unreadable: Vec<(Source, UnreadableCommand)>,
+}
+
+impl Received {
+    fn add(&mut self, delivery: Delivery) {
+        let index = self.deliveries.len();
+        let message_type = delivery.properties.kind().as_ref().map(ShortString::as_str);
+        match decode_commands(message_type, &delivery.data) {
+            Ok(commands) => {
+                for received in commands {
+                    let batched = received.correlation_id.is_some();
+                    let target = match received.correlation_id {
+                        Some(correlation_id) => ReplyTarget::addressed(&delivery, correlation_id),
+                        None => ReplyTarget::of(&delivery),
+                    };
+                    let source = Source {
+                        delivery: index,
+                        target,
+                        batched,
+                    };
+                    match received.command {
+                        Ok(envelope) => {
+                            self.envelopes.push(envelope);
+                            self.sources.push(source);
+                        }
+                        Err(unreadable) => self.unreadable.push((source, unreadable)),
+                    }
+                }
+            }
+            Err(reason) => {
+                let source = Source {
+                    delivery: index,
+                    target: ReplyTarget::of(&delivery),
+                    batched: false,
+                };
+                self.unreadable
+                    .push((source, UnreadableCommand { reason, raw: None }));
+            }
+        }
+        self.deliveries.push(delivery);
     }
 }
 

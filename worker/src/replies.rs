@@ -36,6 +36,23 @@ impl ReplyTarget {
             correlation_id,
         })
     }
+
+    /// The target of one command of a batch message: the message's reply queue and the
+    /// command's own correlation id. None when nobody waits for an answer.
+    pub fn addressed(delivery: &Delivery, correlation_id: String) -> Option<Self> {
+        Some(Self {
+            reply_to: delivery.properties.reply_to().clone()?,
+            correlation_id,
+        })
+    }
+
+    /// Adds the reply queue and correlation id to a message's properties (a dead letter keeps
+    /// them, so an operator sees who waited for the command).
+    pub fn describe(&self, properties: BasicProperties) -> BasicProperties {
+        properties
+            .with_reply_to(self.reply_to.clone())
+            .with_correlation_id(self.correlation_id.as_str().into())
+    }
 }
 
 /// The replies of one batch, by reply queue.
