@@ -22,7 +22,7 @@ use lapin::Channel;
 use shared::broker::Topology;
 use shared::wire::CommandEnvelope;
 use sqlx::PgPool;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
 use crate::apply::{ApplyContext, BatchResult, PartitionBatch, apply_batch};
 use crate::consumer::{publish_follow_up, publish_treasury_nudge};
@@ -98,6 +98,9 @@ pub(crate) struct Committers {
     pub context: Arc<ApplyContext>,
     /// A group stops taking batches once it holds this many commands.
     pub commands_max: usize,
+    /// A committer starts a group while another committer is busy only when it holds at least
+    /// this many commands; a smaller group waits until no other committer is busy.
+    pub overlap_commands_min: usize,
 }
 
 impl Committers {
@@ -113,7 +116,10 @@ impl Committers {
     )> {
         let (sender, receiver) = mpsc::channel(WAITING_BATCHES_MAX);
         let receiver = Arc::new(Mutex::new(receiver));
-        let shared = Arc::new(self);
+        let shared = Arc::new(Running {
+            committers: self,
+            busy: watch::Sender::new(0),
+        });
         let mut tasks = Vec::with_capacity(channels.len());
         for channel in channels {
             // Publisher confirms: a group's follow-ups and nudge are confirmed by the broker
@@ -127,31 +133,89 @@ impl Committers {
         }
         Ok((GroupCommit { sender }, tasks))
     }
+}
 
+/// The committers' settings and what they share: how many are busy with a group.
+struct Running {
+    committers: Committers,
+    /// Committers busy with a group right now: applying it, committing it or publishing what
+    /// it owes.
+    busy: watch::Sender<usize>,
+}
+
+/// Counts a committer as busy until dropped, however its group ends.
+struct Busy<'a>(&'a watch::Sender<usize>);
+
+impl<'a> Busy<'a> {
+    fn new(busy: &'a watch::Sender<usize>) -> Self {
+        busy.send_modify(|count| *count += 1);
+        Self(busy)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|count| *count = count.saturating_sub(1));
+    }
+}
+
+impl Running {
     async fn run(
         self: Arc<Self>,
         channel: Channel,
         receiver: Arc<Mutex<mpsc::Receiver<GroupRequest>>>,
     ) -> anyhow::Result<()> {
+        let mut busy = self.busy.subscribe();
         loop {
-            let requests = {
+            // Counted busy before the receiver is released, so the next committer to take it
+            // sees this group.
+            let (requests, _busy) = {
                 let mut receiver = receiver.lock().await;
                 let Some(first) = receiver.recv().await else {
                     return Ok(());
                 };
                 let mut commands = first.envelopes.len();
                 let mut requests = vec![first];
-                // Only what is ready now: waiting for more would add latency to every batch.
-                while commands < self.commands_max {
-                    match receiver.try_recv() {
-                        Ok(request) => {
-                            commands += request.envelopes.len();
-                            requests.push(request);
+                loop {
+                    // Only what is ready now: waiting on a timer would add latency to every
+                    // batch.
+                    while commands < self.committers.commands_max {
+                        match receiver.try_recv() {
+                            Ok(request) => {
+                                commands += request.envelopes.len();
+                                requests.push(request);
+                            }
+                            Err(_) => break,
                         }
-                        Err(_) => break,
+                    }
+                    // Two groups at once pay off only when both are large (a backlog): then one
+                    // applies while the other commits and publishes. Under a steady load the
+                    // machine is busy anyway, and two small groups cost more than one larger
+                    // one (measured: 24 commands a group instead of 34, and 7 % less
+                    // throughput end to end). So a small group waits until no other committer
+                    // is busy, taking the batches that arrive meanwhile.
+                    if commands >= self.committers.commands_max
+                        || commands >= self.committers.overlap_commands_min
+                        || *busy.borrow_and_update() == 0
+                    {
+                        break;
+                    }
+                    tokio::select! {
+                        request = receiver.recv() => match request {
+                            Some(request) => {
+                                commands += request.envelopes.len();
+                                requests.push(request);
+                            }
+                            None => break,
+                        },
+                        changed = busy.changed() => {
+                            if changed.is_err() {
+                                break;
+                            }
+                        }
                     }
                 }
-                requests
+                (requests, Busy::new(&self.busy))
             };
             self.commit(&channel, requests).await?;
         }
@@ -189,13 +253,13 @@ impl Committers {
         // answered from the stored results, and the sweeps publish what is still owed.
         let mut confirms = Vec::with_capacity(outbox.len() + 1);
         for message in &outbox {
-            confirms.push(publish_follow_up(channel, &self.topology, message).await?);
+            confirms.push(publish_follow_up(channel, &self.committers.topology, message).await?);
         }
         if !hot_credit_ids.is_empty() {
             confirms.push(
                 publish_treasury_nudge(
                     channel,
-                    &self.topology,
+                    &self.committers.topology,
                     &hot_credit_ids,
                     &applied_request_ids,
                 )
@@ -246,7 +310,7 @@ impl Committers {
             if let Err(error) =
                 sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
                     .bind(&ids)
-                    .execute(&self.pool)
+                    .execute(&self.committers.pool)
                     .await
             {
                 // Harmless: the sweep republishes them and follow-ups are idempotent.
@@ -260,8 +324,8 @@ impl Committers {
     }
 
     async fn apply_once(&self, batches: &[PartitionBatch<'_>]) -> Result<BatchResult, sqlx::Error> {
-        let mut transaction = self.pool.begin().await?;
-        let result = apply_batch(&mut transaction, batches, &self.context).await?;
+        let mut transaction = self.committers.pool.begin().await?;
+        let result = apply_batch(&mut transaction, batches, &self.committers.context).await?;
         transaction.commit().await?;
         Ok(result)
     }

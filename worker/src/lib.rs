@@ -44,10 +44,17 @@ pub struct WorkerConfig {
     #[arg(long, env = "GROUP_COMMANDS_MAX", default_value_t = 2_048, value_parser = clap::value_parser!(u32).range(0..=16_384))]
     pub group_commands_max: u32,
 
-    /// How many group transactions this worker runs at once: while one commits, the next
-    /// gathers the batches that arrive meanwhile.
-    #[arg(long, env = "GROUP_COMMITTERS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    /// How many group transactions this worker may run at once: while one commits, the next
+    /// applies. See GROUP_OVERLAP_COMMANDS_MIN for when a second one starts.
+    #[arg(long, env = "GROUP_COMMITTERS", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
     pub group_committers: u8,
+
+    /// A group starts while another committer is busy only when it holds at least this many
+    /// commands; a smaller one waits until no other committer is busy, gathering what arrives.
+    /// Under a steady load this keeps groups large (two small transactions cost more than one
+    /// larger one on a busy machine); with a backlog two large groups overlap.
+    #[arg(long, env = "GROUP_OVERLAP_COMMANDS_MIN", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=16_384))]
+    pub group_overlap_commands_min: u16,
 
     /// How often unpublished follow-ups are looked for and republished.
     #[arg(long, env = "OUTBOX_SWEEP_INTERVAL_MS", default_value_t = 2_000)]
@@ -182,6 +189,7 @@ async fn run_connected(
             topology: topology.clone(),
             context: std::sync::Arc::clone(&context),
             commands_max: usize::try_from(config.group_commands_max).unwrap_or(usize::MAX),
+            overlap_commands_min: usize::from(config.group_overlap_commands_min),
         }
         .spawn(channels)
         .await
