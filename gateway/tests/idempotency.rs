@@ -3,14 +3,9 @@
 
 mod common;
 
-use common::{TestSystem, assert_error};
-use futures_util::StreamExt;
+use common::{DirectBroker, TestSystem, assert_error};
 use futures_util::future::join_all;
 use lapin::BasicProperties;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
 use reqwest::StatusCode;
 use serde_json::json;
 use shared::broker::Topology;
@@ -213,71 +208,25 @@ async fn a_command_delivered_twice_is_applied_once() {
         },
     };
 
-    let connection = shared::broker::connect(&system.common.amqp_url, "test")
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let replies_queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut replies = channel
-        .basic_consume(
-            replies_queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut direct = DirectBroker::open(&system).await;
     let payload = serde_json::to_vec(&envelope).unwrap();
+    let routing_key = Topology::partition_routing_key(partition_of(player_id, topology.partitions));
     for delivery in 0..2 {
-        channel
-            .basic_publish(
-                topology.commands_exchange().as_str().into(),
-                Topology::partition_routing_key(partition_of(player_id, topology.partitions))
-                    .as_str()
-                    .into(),
-                BasicPublishOptions::default(),
+        direct
+            .publish(
+                &routing_key,
                 &payload,
                 BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_correlation_id(format!("delivery-{delivery}").as_str().into())
-                    .with_reply_to(replies_queue.name().clone()),
+                    .with_correlation_id(format!("delivery-{delivery}").as_str().into()),
             )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+            .await;
     }
-    let mut answers = Vec::new();
-    while answers.len() < 2 {
-        let delivery = tokio::time::timeout(std::time::Duration::from_secs(10), replies.next())
-            .await
-            .expect("a reply within 10 s")
-            .unwrap()
-            .unwrap();
-        answers.extend(
-            common::read_replies(&delivery)
-                .into_iter()
-                .map(|(_, reply)| reply),
-        );
-    }
+    let answers: Vec<_> = direct
+        .replies(2)
+        .await
+        .into_iter()
+        .map(|(_, reply)| reply)
+        .collect();
     assert_eq!(answers.iter().filter(|answer| !answer.replay).count(), 1);
     assert_eq!(answers[0].body, answers[1].body);
     assert!(answers.iter().all(|answer| answer.status == 200));
@@ -288,6 +237,6 @@ async fn a_command_delivered_twice_is_applied_once() {
         .await
         .unwrap();
     assert_eq!(journals, 1);
-    drop(connection.close(200, "done".into()).await);
+    direct.close().await;
     system.finish().await;
 }

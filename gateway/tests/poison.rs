@@ -5,13 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestSystem;
-use futures_util::StreamExt;
+use common::{DirectBroker, TestSystem};
 use lapin::BasicProperties;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
 use reqwest::StatusCode;
 use serde_json::json;
 use shared::broker::Topology;
@@ -20,76 +15,6 @@ use shared::wire::{
     AddressedCommand, COMMAND_VERSION, COMMANDS_MESSAGE_TYPE, COMMANDS_VERSION, Command,
     CommandBatch, CommandEnvelope, CommandReply,
 };
-
-/// A connection of the test's own that publishes to the partition queues directly, with a
-/// reply queue.
-struct Direct {
-    connection: lapin::Connection,
-    channel: lapin::Channel,
-    reply_queue: String,
-    replies: lapin::Consumer,
-}
-
-impl Direct {
-    async fn open(system: &TestSystem) -> Self {
-        let connection = shared::broker::connect(&system.common.amqp_url, "poison test")
-            .await
-            .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
-        let reply_queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let replies = channel
-            .basic_consume(
-                reply_queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        Self {
-            connection,
-            channel,
-            reply_queue: reply_queue.name().to_string(),
-            replies,
-        }
-    }
-
-    /// Waits for `count` replies, by correlation id.
-    async fn replies(&mut self, count: usize) -> Vec<(String, CommandReply)> {
-        let mut answers = Vec::new();
-        while answers.len() < count {
-            let delivery = tokio::time::timeout(Duration::from_secs(10), self.replies.next())
-                .await
-                .expect("a reply")
-                .unwrap()
-                .unwrap();
-            answers.extend(common::read_replies(&delivery));
-        }
-        answers
-    }
-
-    async fn close(self) {
-        drop(self.connection.close(200, "done".into()).await);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_is_dead_lettered_listed_and_replayable() {
@@ -104,28 +29,19 @@ async fn poison_is_dead_lettered_listed_and_replayable() {
     let topology = Topology::from_config(&system.common);
     let routing_key = Topology::partition_routing_key(partition_of(player_id, topology.partitions));
 
-    let mut direct = Direct::open(&system).await;
+    let mut direct = DirectBroker::open(&system).await;
     let unknown_version = json!({ "v": 99, "id": uuid::Uuid::new_v4(), "command": {} }).to_string();
     for payload in [
         b"\xff not json at all".to_vec(),
         unknown_version.into_bytes(),
     ] {
         direct
-            .channel
-            .basic_publish(
-                topology.commands_exchange().as_str().into(),
-                routing_key.as_str().into(),
-                BasicPublishOptions::default(),
+            .publish(
+                &routing_key,
                 &payload,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_reply_to(direct.reply_queue.as_str().into())
-                    .with_correlation_id("poison".into()),
+                BasicProperties::default().with_correlation_id("poison".into()),
             )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+            .await;
     }
     // The replies of one batch to one reply queue come as one message.
     let answers: Vec<CommandReply> = direct
@@ -267,7 +183,7 @@ async fn batch_messages_settle_each_command_on_its_own() {
     let player_id = system.player_id("batched").await;
     let topology = Topology::from_config(&system.common);
     let routing_key = Topology::partition_routing_key(partition_of(player_id, topology.partitions));
-    let mut direct = Direct::open(&system).await;
+    let mut direct = DirectBroker::open(&system).await;
 
     let top_up = |amount| {
         let envelope = CommandEnvelope {
@@ -306,21 +222,12 @@ async fn batch_messages_settle_each_command_on_its_own() {
     // The same message twice, as after a redelivery.
     for _ in 0..2 {
         direct
-            .channel
-            .basic_publish(
-                topology.commands_exchange().as_str().into(),
-                routing_key.as_str().into(),
-                BasicPublishOptions::default(),
+            .publish(
+                &routing_key,
                 &payload,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_type(COMMANDS_MESSAGE_TYPE.into())
-                    .with_reply_to(direct.reply_queue.as_str().into()),
+                BasicProperties::default().with_type(COMMANDS_MESSAGE_TYPE.into()),
             )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+            .await;
         let mut answers = direct.replies(3).await;
         answers.sort_by(|left, right| left.0.cmp(&right.0));
         rounds.push(answers);

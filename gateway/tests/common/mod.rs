@@ -459,3 +459,101 @@ pub fn read_replies(
     )
     .expect("a readable reply message")
 }
+
+/// A broker connection of the test's own that publishes to the partition queues directly, as a
+/// gateway would, with a reply queue for the workers' answers.
+pub struct DirectBroker {
+    connection: lapin::Connection,
+    channel: lapin::Channel,
+    topology: shared::broker::Topology,
+    reply_queue: String,
+    replies: lapin::Consumer,
+}
+
+impl DirectBroker {
+    pub async fn open(system: &TestSystem) -> Self {
+        use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions, QueueDeclareOptions};
+        let connection = shared::broker::connect(&system.common.amqp_url, "test")
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let reply_queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let replies = channel
+            .basic_consume(
+                reply_queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Self {
+            connection,
+            channel,
+            topology: shared::broker::Topology::from_config(&system.common),
+            reply_queue: reply_queue.name().to_string(),
+            replies,
+        }
+    }
+
+    /// Publishes a persistent message to the commands exchange with this connection's reply
+    /// queue, and waits for the broker's confirm.
+    pub async fn publish(
+        &self,
+        routing_key: &str,
+        payload: &[u8],
+        properties: lapin::BasicProperties,
+    ) {
+        self.channel
+            .basic_publish(
+                self.topology.commands_exchange().as_str().into(),
+                routing_key.into(),
+                lapin::options::BasicPublishOptions::default(),
+                payload,
+                properties
+                    .with_delivery_mode(2)
+                    .with_reply_to(self.reply_queue.as_str().into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Waits for `count` replies, with their correlation ids.
+    pub async fn replies(&mut self, count: usize) -> Vec<(String, shared::wire::CommandReply)> {
+        use futures_util::StreamExt;
+        let mut answers = Vec::new();
+        while answers.len() < count {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), self.replies.next())
+                .await
+                .expect("a reply within 10 s")
+                .unwrap()
+                .unwrap();
+            answers.extend(read_replies(&delivery));
+        }
+        answers
+    }
+
+    pub async fn close(self) {
+        drop(self.connection.close(200, "done".into()).await);
+    }
+}
