@@ -20,10 +20,7 @@ use shared::broker::Topology;
 use shared::config::CommonConfig;
 use shared::ids;
 use shared::partition::partition_of;
-use shared::wire::{
-    AddressedCommand, COMMAND_VERSION, COMMANDS_MESSAGE_TYPE, COMMANDS_VERSION, Command,
-    CommandBatch, CommandEnvelope,
-};
+use shared::wire::{AddressedCommand, COMMAND_VERSION, Command, CommandEnvelope};
 use uuid::Uuid;
 
 use crate::compare::{TreasuryLag, treasury_lag};
@@ -416,24 +413,18 @@ async fn publish_message(
     let properties = BasicProperties::default()
         .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
         .with_content_type("application/json".into());
-    let (payload, properties) = match envelopes {
-        [single] => (single.get().as_bytes().to_vec(), properties),
-        several => {
-            let message = CommandBatch {
-                v: COMMANDS_VERSION,
-                commands: several
-                    .iter()
-                    .map(|envelope| AddressedCommand {
-                        correlation_id: "".into(),
-                        envelope,
-                    })
-                    .collect(),
-            };
-            (
-                serde_json::to_vec(&message)?,
-                properties.with_type(COMMANDS_MESSAGE_TYPE.into()),
-            )
-        }
+    let commands = envelopes
+        .iter()
+        .map(|envelope| AddressedCommand {
+            // Nobody waits for the replies.
+            correlation_id: "".into(),
+            envelope,
+        })
+        .collect();
+    let (payload, message_type) = shared::wire::encode_commands(commands)?;
+    let properties = match message_type {
+        Some(message_type) => properties.with_type(message_type.into()),
+        None => properties,
     };
     let routing_key = Topology::partition_routing_key(partition);
     Ok(channel

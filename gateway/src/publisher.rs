@@ -22,10 +22,7 @@ use lapin::{BasicProperties, Channel, Confirmation};
 use shared::backoff::Backoff;
 use shared::broker::Topology;
 use shared::partition::partition_of;
-use shared::wire::{
-    AddressedCommand, COMMANDS_MESSAGE_TYPE, COMMANDS_VERSION, CommandBatch, CommandEnvelope,
-    CommandReply,
-};
+use shared::wire::{AddressedCommand, CommandEnvelope, CommandReply};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -226,32 +223,27 @@ impl Publisher {
             .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
             .with_content_type("application/json".into())
             .with_reply_to(DIRECT_REPLY_TO.into());
-        let (payload, properties) = match batch {
-            [single] => (
-                single.envelope.get().as_bytes().to_vec(),
-                properties
-                    .with_message_id(single.command_id.to_string().as_str().into())
-                    .with_correlation_id(single.correlation_id.as_str().into()),
-            ),
-            several => {
-                let message = CommandBatch {
-                    v: COMMANDS_VERSION,
-                    commands: several
-                        .iter()
-                        .map(|queued| AddressedCommand {
-                            correlation_id: queued.correlation_id.as_str().into(),
-                            envelope: &queued.envelope,
-                        })
-                        .collect(),
-                };
-                match serde_json::to_vec(&message) {
-                    Ok(payload) => (payload, properties.with_type(COMMANDS_MESSAGE_TYPE.into())),
-                    Err(error) => {
-                        tracing::error!(%error, "could not encode a batch of commands");
-                        return false;
-                    }
-                }
+        let commands = batch
+            .iter()
+            .map(|queued| AddressedCommand {
+                correlation_id: queued.correlation_id.as_str().into(),
+                envelope: &queued.envelope,
+            })
+            .collect();
+        let (payload, message_type) = match shared::wire::encode_commands(commands) {
+            Ok(encoded) => encoded,
+            Err(error) => {
+                tracing::error!(%error, "could not encode a batch of commands");
+                return false;
             }
+        };
+        let properties = match (message_type, batch.first()) {
+            // A plain envelope is answered at the message's own correlation id.
+            (None, Some(single)) => properties
+                .with_message_id(single.command_id.to_string().as_str().into())
+                .with_correlation_id(single.correlation_id.as_str().into()),
+            (Some(message_type), _) => properties.with_type(message_type.into()),
+            (None, None) => properties,
         };
         let confirm = match channel
             .basic_publish(

@@ -207,6 +207,24 @@ pub struct CommandBatch<'a> {
     pub commands: Vec<AddressedCommand<'a>>,
 }
 
+/// Encodes the commands of one message for a partition queue: one command as its plain envelope
+/// (what every worker version reads), several as a [`CommandBatch`]. Returns the payload and the
+/// AMQP message type to set, None for a plain envelope.
+pub fn encode_commands(
+    commands: Vec<AddressedCommand<'_>>,
+) -> serde_json::Result<(Vec<u8>, Option<&'static str>)> {
+    match commands.as_slice() {
+        [single] => Ok((single.envelope.get().as_bytes().to_vec(), None)),
+        _ => {
+            let batch = CommandBatch {
+                v: COMMANDS_VERSION,
+                commands,
+            };
+            Ok((serde_json::to_vec(&batch)?, Some(COMMANDS_MESSAGE_TYPE)))
+        }
+    }
+}
+
 /// A command read from a message, or why it could not be.
 #[derive(Debug, PartialEq)]
 pub struct ReceivedCommand {
@@ -286,7 +304,7 @@ mod tests {
         AddressedCommand, AddressedReply, COMMAND_VERSION, COMMANDS_MESSAGE_TYPE,
         COMMANDS_PER_MESSAGE_MAX, COMMANDS_VERSION, Command, CommandBatch, CommandEnvelope,
         CommandReplies, CommandReply, REPLIES_MESSAGE_TYPE, REPLIES_VERSION, TreasuryMessage,
-        decode_commands, decode_replies,
+        decode_commands, decode_replies, encode_commands,
     };
     use uuid::Uuid;
 
@@ -425,5 +443,39 @@ mod tests {
                 .unwrap_err()
                 .contains("over the limit")
         );
+    }
+
+    #[test]
+    fn one_command_is_encoded_plain_and_several_as_a_batch() {
+        let (first, second) = (top_up(1), top_up(2));
+        let raw = |envelope: &CommandEnvelope| serde_json::value::to_raw_value(envelope).unwrap();
+        let (first_raw, second_raw) = (raw(&first), raw(&second));
+        let addressed = |id: &'static str, envelope| AddressedCommand {
+            correlation_id: id.into(),
+            envelope,
+        };
+        let (payload, message_type) =
+            encode_commands(vec![addressed("a", &first_raw)]).expect("encoded");
+        assert_eq!(message_type, None);
+        let decoded = decode_commands(message_type, &payload).unwrap();
+        assert_eq!(decoded[0].command.as_ref().unwrap(), &first);
+
+        let (payload, message_type) = encode_commands(vec![
+            addressed("a", &first_raw),
+            addressed("b", &second_raw),
+        ])
+        .expect("encoded");
+        assert_eq!(message_type, Some(COMMANDS_MESSAGE_TYPE));
+        let decoded = decode_commands(message_type, &payload).unwrap();
+        let read: Vec<(Option<&str>, &CommandEnvelope)> = decoded
+            .iter()
+            .map(|received| {
+                (
+                    received.correlation_id.as_deref(),
+                    received.command.as_ref().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(read, vec![(Some("a"), &first), (Some("b"), &second)]);
     }
 }
