@@ -24,17 +24,13 @@ pub(crate) struct ReplyTarget {
 impl ReplyTarget {
     /// None when nobody waits for an answer (a follow-up, a replayed dead letter).
     pub fn of(delivery: &Delivery) -> Option<Self> {
-        let reply_to = delivery.properties.reply_to().clone()?;
         let correlation_id = delivery
             .properties
             .correlation_id()
             .as_ref()
             .map(ShortString::to_string)
             .unwrap_or_default();
-        Some(Self {
-            reply_to,
-            correlation_id,
-        })
+        Self::addressed(delivery, correlation_id)
     }
 
     /// The target of one command of a batch message: the message's reply queue and the
