@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{PASSWORD, TestSystem};
+use common::{DirectBroker, PASSWORD, TestSystem};
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shared::broker::Topology;
@@ -75,28 +74,12 @@ async fn ensure_browser() {
 async fn publish_poison(system: &TestSystem, player_id: uuid::Uuid) -> String {
     let topology = Topology::from_config(&system.common);
     let routing_key = Topology::partition_routing_key(partition_of(player_id, topology.partitions));
-    let connection = shared::broker::connect(&system.common.amqp_url, "ops page test")
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
     let payload = json!({ "v": 99, "id": uuid::Uuid::new_v4(), "command": {} }).to_string();
-    channel
-        .basic_publish(
-            topology.commands_exchange().as_str().into(),
-            routing_key.as_str().into(),
-            BasicPublishOptions::default(),
-            payload.as_bytes(),
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    drop(connection.close(200, "done".into()).await);
+    let direct = DirectBroker::open(system).await;
+    direct
+        .publish(&routing_key, payload.as_bytes(), BasicProperties::default())
+        .await;
+    direct.close().await;
     routing_key
 }
 
