@@ -138,8 +138,8 @@ impl Committers {
 /// The committers' settings and what they share: how many are busy with a group.
 struct Running {
     committers: Committers,
-    /// Committers busy with a group right now: applying it, committing it or publishing what
-    /// it owes.
+    /// Committers busy with a group right now: from taking it until its partitions are answered
+    /// (applied, committed, replies sent). Waiting for the broker's confirms does not count.
     busy: watch::Sender<usize>,
 }
 
@@ -183,14 +183,14 @@ impl Running {
         loop {
             // Counted busy before the receiver is released, so the next committer to take it
             // sees this group.
-            let (requests, _busy) = {
+            let (requests, busy_guard) = {
                 let mut receiver = receiver.lock().await;
                 let Some(requests) = self.gather(&mut receiver, &mut busy).await else {
                     return Ok(());
                 };
                 (requests, Busy::new(&self.busy))
             };
-            self.commit(&channel, requests).await?;
+            self.commit(&channel, requests, busy_guard).await?;
         }
     }
 
@@ -235,7 +235,17 @@ impl Running {
         }
     }
 
-    async fn commit(&self, channel: &Channel, requests: Vec<GroupRequest>) -> anyhow::Result<()> {
+    /// Applies and commits a group, answers its partitions, then waits for the broker to confirm
+    /// what the group owes. The committer stops counting as busy once the partitions are
+    /// answered: the confirm is a wait on the broker's disk, not work, and the next group may
+    /// start its transaction meanwhile. Order is not at stake here: a partition sends its next
+    /// batch only after `published` resolved and it acknowledged this one.
+    async fn commit(
+        &self,
+        channel: &Channel,
+        requests: Vec<GroupRequest>,
+        busy: Busy<'_>,
+    ) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let batches: Vec<PartitionBatch<'_>> = requests
             .iter()
@@ -244,7 +254,10 @@ impl Running {
                 envelopes: request.envelopes.as_slice(),
             })
             .collect();
-        let result = match self.apply_once(&batches).await {
+        let result = self.apply_once(&batches).await;
+        metrics::histogram!("wallet_group_transaction_seconds")
+            .record(started.elapsed().as_secs_f64());
+        let result = match result {
             Ok(result) => result,
             Err(error) => {
                 tracing::warn!(%error, batches = requests.len(), "group failed; partitions apply alone");
@@ -315,6 +328,7 @@ impl Running {
                 published: published.clone(),
             }));
         }
+        drop(busy);
         anyhow::ensure!(
             published.await,
             "the broker refused a follow-up or a treasury nudge"
