@@ -101,3 +101,52 @@ async fn commands_by_kind_and_queue_depths_are_exported() {
     }
     system.finish().await;
 }
+
+/// Purchases credit the treasury through `hot_credits`; the worker tells the treasury about them
+/// with coalesced nudges, and the treasury folds them from those nudges (its sweep, which folds
+/// only credits older than half a second, would otherwise be the only way they get folded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nudges_get_hot_credits_folded() {
+    let system = TestSystem::start().await;
+    let token = system.player("nudging").await;
+    assert_eq!(system.top_up(&token, 1_000).await.status, StatusCode::OK);
+    for _ in 0..3 {
+        let reply = system
+            .post(
+                "/purchase",
+                Some(&token),
+                None,
+                json!({ "item": "gold_coin" }),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let unfolded: i64 = sqlx::query_scalar("SELECT count(*) FROM hot_credits")
+            .fetch_one(&system.pool)
+            .await
+            .expect("counting hot credits");
+        let text = system
+            .get("/metrics", None)
+            .await
+            .body
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let published = series_value(&text, "wallet_treasury_nudges_published_total", &[]);
+        let folded = series_value(&text, "wallet_treasury_credits_folded_total", &[]);
+        if unfolded == 0
+            && published.is_some_and(|count| count >= 1.0)
+            && folded.is_some_and(|count| count >= 1.0)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "credits still unfolded: {unfolded}, nudges published: {published:?}, folded: {folded:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    system.finish().await;
+}

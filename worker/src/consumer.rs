@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{ApplyContext, BatchResult, OutboxMessage, PartitionBatch, apply_batch};
 use crate::group::{Answered, GroupAnswer, GroupCommit};
+use crate::nudges::Nudges;
 use crate::replies::{ReplyBatch, ReplyTarget};
 
 /// How often a single command is retried on a data error before it is dead-lettered.
@@ -37,6 +38,8 @@ const DELIVERY_MODE_PERSISTENT: u8 = 2;
 pub(crate) struct PartitionConsumer {
     pub pool: PgPool,
     pub channel: Channel,
+    /// Where a committed batch's hot credits are announced to the treasury.
+    pub nudges: Nudges,
     pub topology: Topology,
     pub partition: u16,
     pub batch_size_max: usize,
@@ -177,17 +180,8 @@ impl PartitionConsumer {
                 confirms.push(publish_follow_up(&self.channel, &self.topology, message).await?);
                 published_outbox.push(message.id);
             }
-            if !result.hot_credit_ids.is_empty() {
-                confirms.push(
-                    publish_treasury_nudge(
-                        &self.channel,
-                        &self.topology,
-                        &result.hot_credit_ids,
-                        &result.applied_request_ids,
-                    )
-                    .await?,
-                );
-            }
+            self.nudges
+                .send(&result.hot_credit_ids, &result.applied_request_ids);
         }
         let mut replies = ReplyBatch::default();
         // Commands by kind and outcome, counted here and added to the metric once per batch.
@@ -525,31 +519,39 @@ fn poison_reply(reason: &str) -> CommandReply {
     }
 }
 
-/// Tells the treasury which hot credits a committed batch wrote, so it folds them now rather
-/// than at its next sweep.
+/// Tells the treasury which hot credits were committed, so it folds them now rather than at its
+/// next sweep. Published on `channel`, which has no publisher confirms: a nudge is a hint, since
+/// the treasury's sweep folds every credit whose nudge never came (`TREASURY_SWEEP_INTERVAL_MS`),
+/// so the commands that owe it are acknowledged without waiting for the broker's disk
+/// (`nudges` coalesces the batches' nudges and calls this).
 pub(crate) async fn publish_treasury_nudge(
     channel: &Channel,
     topology: &Topology,
     credit_ids: &[i64],
     request_ids: &[String],
-) -> anyhow::Result<lapin::PublisherConfirm> {
+) -> anyhow::Result<()> {
     let payload = serde_json::to_vec(&TreasuryMessage {
         v: 1,
         credit_ids: credit_ids.to_vec(),
         request_ids: request_ids.to_vec(),
     })?;
-    channel
-        .basic_publish(
-            "".into(),
-            topology.treasury_queue().as_str().into(),
-            BasicPublishOptions::default(),
-            &payload,
-            BasicProperties::default()
-                .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
-                .with_content_type("application/json".into()),
-        )
-        .await
-        .context("publishing to the treasury")
+    // Without confirm mode on the channel the returned confirm is already resolved; dropping it
+    // keeps nothing in lapin.
+    drop(
+        channel
+            .basic_publish(
+                "".into(),
+                topology.treasury_queue().as_str().into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default()
+                    .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
+                    .with_content_type("application/json".into()),
+            )
+            .await
+            .context("publishing to the treasury")?,
+    );
+    Ok(())
 }
 
 pub(crate) async fn publish_follow_up(

@@ -9,10 +9,11 @@
 //! together gives every command the result it would get in its own partition's batch
 //! (`apply::apply_batch`). Each partition hands over one batch and waits for its answer before
 //! it collects the next, so the order within a partition is kept. Nothing is acknowledged before
-//! the group has committed and the broker has confirmed what the group owes (follow-ups and the
-//! treasury nudge). When a group cannot be applied, for any reason, each partition applies its
-//! batch alone, with the retries and splitting of `consumer` (a command is never lost: a
-//! redelivered command that did commit is answered from its stored result).
+//! the group has committed and the broker has confirmed the group's follow-ups (its treasury
+//! nudge is a hint and is not waited for: `nudges`). When a group
+//! cannot be applied, for any reason, each partition applies its batch alone, with the retries
+//! and splitting of `consumer` (a command is never lost: a redelivered command that did commit
+//! is answered from its stored result).
 
 use std::sync::Arc;
 
@@ -25,7 +26,8 @@ use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
 use crate::apply::{ApplyContext, BatchResult, PartitionBatch, apply_batch};
-use crate::consumer::{publish_follow_up, publish_treasury_nudge};
+use crate::consumer::publish_follow_up;
+use crate::nudges::Nudges;
 use crate::replies::{ReplyBatch, ReplyTarget};
 
 /// How many batches may wait for a committer: one per partition is the most there can be, since
@@ -94,6 +96,8 @@ impl GroupCommit {
 /// ready, so one group is applied while the next one gathers.
 pub(crate) struct Committers {
     pub pool: PgPool,
+    /// Where a committed group's hot credits are announced to the treasury.
+    pub nudges: Nudges,
     pub topology: Topology,
     pub context: Arc<ApplyContext>,
     /// A group stops taking batches once it holds this many commands.
@@ -122,8 +126,8 @@ impl Committers {
         });
         let mut tasks = Vec::with_capacity(channels.len());
         for channel in channels {
-            // Publisher confirms: a group's follow-ups and nudge are confirmed by the broker
-            // before any command of the group is acknowledged.
+            // Publisher confirms: a group's follow-ups are confirmed by the broker before any
+            // command of the group is acknowledged.
             channel
                 .confirm_select(lapin::options::ConfirmSelectOptions { nowait: false })
                 .await?;
@@ -278,21 +282,13 @@ impl Running {
         // Committed. What fails from here fails the connection: the partitions are answered
         // with ApplyAlone (their requests are dropped), their redelivered commands are
         // answered from the stored results, and the sweeps publish what is still owed.
-        let mut confirms = Vec::with_capacity(outbox.len() + 1);
+        let mut confirms = Vec::with_capacity(outbox.len());
         for message in &outbox {
             confirms.push(publish_follow_up(channel, &self.committers.topology, message).await?);
         }
-        if !hot_credit_ids.is_empty() {
-            confirms.push(
-                publish_treasury_nudge(
-                    channel,
-                    &self.committers.topology,
-                    &hot_credit_ids,
-                    &applied_request_ids,
-                )
-                .await?,
-            );
-        }
+        self.committers
+            .nudges
+            .send(&hot_credit_ids, &applied_request_ids);
         let published: Published = async move {
             for confirm in confirms {
                 match confirm.await {
@@ -329,10 +325,7 @@ impl Running {
             }));
         }
         drop(busy);
-        anyhow::ensure!(
-            published.await,
-            "the broker refused a follow-up or a treasury nudge"
-        );
+        anyhow::ensure!(published.await, "the broker refused a follow-up");
         if !outbox.is_empty() {
             let ids: Vec<i64> = outbox.iter().map(|message| message.id).collect();
             if let Err(error) =

@@ -5,6 +5,7 @@
 pub mod apply;
 mod consumer;
 mod group;
+mod nudges;
 mod ownership;
 mod replies;
 
@@ -63,6 +64,11 @@ pub struct WorkerConfig {
     /// Follow-ups younger than this are left to the worker that wrote them.
     #[arg(long, env = "OUTBOX_SWEEP_AGE_MS", default_value_t = 5_000)]
     pub outbox_sweep_age_ms: u64,
+
+    /// The treasury hears of committed hot credits at most once per this interval from each
+    /// worker (one nudge for every batch committed meanwhile); 0 sends one per batch.
+    #[arg(long, env = "TREASURY_NUDGE_INTERVAL_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=1_000))]
+    pub treasury_nudge_interval_ms: u64,
 
     /// Upper bound of the backoff between retries when PostgreSQL or RabbitMQ is unavailable.
     #[arg(long, env = "RETRY_BACKOFF_MAX_MS", default_value_t = 5_000)]
@@ -171,6 +177,18 @@ async fn run_connected(
         Duration::from_millis(config.outbox_sweep_age_ms),
         stop.clone(),
     ));
+    // Treasury nudges go on their own channel, without publisher confirms, coalesced (see
+    // `nudges`).
+    let nudge_channel = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
+    let (nudges, nudger) = nudges::Nudges::spawn(
+        nudge_channel,
+        topology.clone(),
+        Duration::from_millis(config.treasury_nudge_interval_ms),
+        stop.clone(),
+    );
     let context = std::sync::Arc::new(apply::ApplyContext::new(topology.partitions));
     let (group, committers) = if config.group_commands_max == 0 {
         (None, Vec::new())
@@ -186,6 +204,7 @@ async fn run_connected(
         }
         let (group, committers) = group::Committers {
             pool: pool.clone(),
+            nudges: nudges.clone(),
             topology: topology.clone(),
             context: std::sync::Arc::clone(&context),
             commands_max: usize::try_from(config.group_commands_max).unwrap_or(usize::MAX),
@@ -201,6 +220,7 @@ async fn run_connected(
         let partition_consumer = consumer::PartitionConsumer {
             pool: pool.clone(),
             channel,
+            nudges: nudges.clone(),
             topology: topology.clone(),
             partition,
             batch_size_max: usize::from(config.batch_size_max),
@@ -224,6 +244,9 @@ async fn run_connected(
         }
         if sweep.is_finished() {
             break Err(anyhow::anyhow!("the outbox sweep stopped"));
+        }
+        if nudger.is_finished() {
+            break Err(anyhow::anyhow!("the treasury nudges stopped"));
         }
         if committers.iter().any(tokio::task::JoinHandle::is_finished) {
             break Err(anyhow::anyhow!("a group committer stopped"));
@@ -271,6 +294,8 @@ async fn run_connected(
     // Closing the lock session releases every advisory lock this worker still holds.
     locks.close().await;
     drop(sweep.await);
+    drop(nudges);
+    drop(nudger.await);
     shared::broker::close_connection(connection, "worker stopping").await;
     match outcome {
         Err(error) if !shutdown.is_cancelled() => Err(error),
