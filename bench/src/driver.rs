@@ -9,14 +9,12 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::report::{Outcome, Recorder, Report, RunMeta, TransportError, process_cpu_seconds};
-use crate::scenario::{
-    Mode, PlannedRequest, Prepared, ScenarioArgs, Target, http_client, new_run_id,
-};
+use crate::http1::Http1Client;
+use crate::report::{Outcome, Recorder, Report, RunMeta, process_cpu_seconds};
+use crate::scenario::{Mode, PlannedRequest, Prepared, ScenarioArgs, Target, new_run_id};
 
 /// How often the progress bar is redrawn.
 const PROGRESS_TICK_MS: u64 = 250;
@@ -48,48 +46,25 @@ impl Load {
 }
 
 struct Sender {
-    client: reqwest::Client,
-    base_url: String,
-    json: HeaderValue,
+    client: Http1Client,
 }
 
 impl Sender {
     /// The outcome, and whether the answer was a replay of an earlier command.
     async fn send(&self, request: PlannedRequest) -> (Outcome, bool) {
-        let mut builder = self
+        match self
             .client
-            .post(format!("{}{}", self.base_url, request.path))
-            .header(CONTENT_TYPE, self.json.clone())
-            .header("Idempotency-Key", request.key)
-            .body(request.body);
-        if let Some(authorization) = request.authorization {
-            builder = builder.header(AUTHORIZATION, authorization);
+            .post(
+                request.path,
+                &request.key,
+                request.authorization,
+                request.body,
+            )
+            .await
+        {
+            Ok((status, replayed)) => (Outcome::Status(status), replayed),
+            Err(error) => (Outcome::Transport(error), false),
         }
-        match builder.send().await {
-            // The body is read to the end so the connection goes back to the pool.
-            Ok(response) => {
-                let status = response.status().as_u16();
-                let replayed = response
-                    .headers()
-                    .get("idempotent-replayed")
-                    .is_some_and(|value| value.as_bytes() == b"true");
-                match response.bytes().await {
-                    Ok(_) => (Outcome::Status(status), replayed),
-                    Err(error) => (Outcome::Transport(classify(&error)), false),
-                }
-            }
-            Err(error) => (Outcome::Transport(classify(&error)), false),
-        }
-    }
-}
-
-fn classify(error: &reqwest::Error) -> TransportError {
-    if error.is_timeout() {
-        TransportError::Timeout
-    } else if error.is_connect() {
-        TransportError::Connect
-    } else {
-        TransportError::Other
     }
 }
 
@@ -101,10 +76,20 @@ pub async fn measure(
     load: Load,
 ) -> anyhow::Result<Report> {
     args.validate()?;
+    // One idle connection kept per client (closed loop) or per request that may be outstanding
+    // (open loop), so the measured window opens no connections once warmed up.
+    let connections_max = match load {
+        Load::Closed { clients } => clients,
+        Load::Open {
+            outstanding_max, ..
+        } => outstanding_max,
+    };
     let sender = Arc::new(Sender {
-        client: http_client(Duration::from_millis(args.request_timeout_ms))?,
-        base_url: target.base_url.clone(),
-        json: HeaderValue::from_static("application/json"),
+        client: Http1Client::new(
+            &target.base_url,
+            Duration::from_millis(args.request_timeout_ms),
+            connections_max,
+        )?,
     });
     let recorder = Arc::new(Recorder::new());
     // Keys and names of this measurement, distinct from any other on the same setup.
