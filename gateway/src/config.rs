@@ -44,9 +44,12 @@ pub struct GatewayConfig {
     #[arg(long, env = "IN_FLIGHT_MAX", default_value_t = 20_000)]
     pub in_flight_max: usize,
 
-    /// Broker channels used for publishing (each with its own reply consumer).
-    #[arg(long, env = "PUBLISHER_CHANNELS", default_value_t = 4)]
-    pub publisher_channels: usize,
+    /// Broker channels used for publishing (each with its own reply consumer). One by default:
+    /// a worker sends one reply message per channel for each group it commits, so each channel
+    /// more means more reply messages for the broker (measured: 3-7 % more commands/s end to
+    /// end with one channel than with four, BENCHMARKS.md).
+    #[arg(long, env = "PUBLISHER_CHANNELS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub publisher_channels: u16,
 
     /// Most commands the gateway publishes as one message. The commands that wait for the same
     /// partition while its last message is being confirmed go together, so under load the broker

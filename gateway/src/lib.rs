@@ -215,7 +215,7 @@ pub async fn build_state(
     let tokens = auth::Tokens::new(&secret, config.jwt_ttl_seconds);
     let publisher = publisher::Publisher::new(
         Topology::from_config(&config.common),
-        config.publisher_channels,
+        usize::from(config.publisher_channels),
         config.in_flight_max,
         usize::from(config.publish_batch_max),
     );
