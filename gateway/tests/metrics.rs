@@ -33,14 +33,7 @@ async fn commands_by_kind_and_queue_depths_are_exported() {
     let system = TestSystem::start().await;
     let token = system.player("metered").await;
     assert_eq!(system.top_up(&token, 100).await.status, StatusCode::OK);
-    let reply = system
-        .post(
-            "/purchase",
-            Some(&token),
-            None,
-            json!({ "item": "gold_coin" }),
-        )
-        .await;
+    let reply = system.purchase(&token, "gold_coin").await;
     assert_eq!(reply.status, StatusCode::OK);
     let refused = system
         .post(
@@ -111,14 +104,7 @@ async fn nudges_get_hot_credits_folded() {
     let token = system.player("nudging").await;
     assert_eq!(system.top_up(&token, 1_000).await.status, StatusCode::OK);
     for _ in 0..3 {
-        let reply = system
-            .post(
-                "/purchase",
-                Some(&token),
-                None,
-                json!({ "item": "gold_coin" }),
-            )
-            .await;
+        let reply = system.purchase(&token, "gold_coin").await;
         assert_eq!(reply.status, StatusCode::OK);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);

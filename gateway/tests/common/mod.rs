@@ -303,6 +303,12 @@ impl TestSystem {
             .await
     }
 
+    /// Buys one of `item` with a fresh Idempotency-Key.
+    pub async fn purchase(&self, token: &str, item: &str) -> Reply {
+        self.post("/purchase", Some(token), None, json!({ "item": item }))
+            .await
+    }
+
     /// Waits until `check` holds for the player's balance (bounded), for follow-ups.
     pub async fn eventually_balance(&self, token: &str, check: impl Fn(&Value) -> bool) -> Value {
         for _ in 0..200 {
