@@ -16,9 +16,7 @@ use shared::backoff::Backoff;
 use shared::broker::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, Topology};
 use shared::db::is_transient;
 use shared::domain::error_body;
-use shared::wire::{
-    CommandEnvelope, CommandReply, TreasuryMessage, UnreadableCommand, decode_commands,
-};
+use shared::wire::{CommandEnvelope, CommandReply, UnreadableCommand, decode_commands};
 use sqlx::PgPool;
 use sqlx::types::Json;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +31,7 @@ const SINGLE_COMMAND_ATTEMPTS_MAX: u32 = 3;
 /// How many unpublished follow-ups one sweep republishes at most.
 const OUTBOX_SWEEP_BATCH_MAX: i64 = 1_000;
 /// Persistent delivery: the broker writes the message to disk before confirming it.
-const DELIVERY_MODE_PERSISTENT: u8 = 2;
+pub(crate) const DELIVERY_MODE_PERSISTENT: u8 = 2;
 
 pub(crate) struct PartitionConsumer {
     pub pool: PgPool,
@@ -180,8 +178,10 @@ impl PartitionConsumer {
                 confirms.push(publish_follow_up(&self.channel, &self.topology, message).await?);
                 published_outbox.push(message.id);
             }
-            self.nudges
-                .send(&result.hot_credit_ids, &result.applied_request_ids);
+            self.nudges.send(
+                result.hot_credit_ids.clone(),
+                result.applied_request_ids.clone(),
+            );
         }
         let mut replies = ReplyBatch::default();
         // Commands by kind and outcome, counted here and added to the metric once per batch.
@@ -517,41 +517,6 @@ fn poison_reply(reason: &str) -> CommandReply {
         ),
         replay: false,
     }
-}
-
-/// Tells the treasury which hot credits were committed, so it folds them now rather than at its
-/// next sweep. Published on `channel`, which has no publisher confirms: a nudge is a hint, since
-/// the treasury's sweep folds every credit whose nudge never came (`TREASURY_SWEEP_INTERVAL_MS`),
-/// so the commands that owe it are acknowledged without waiting for the broker's disk
-/// (`nudges` coalesces the batches' nudges and calls this).
-pub(crate) async fn publish_treasury_nudge(
-    channel: &Channel,
-    topology: &Topology,
-    credit_ids: &[i64],
-    request_ids: &[String],
-) -> anyhow::Result<()> {
-    let payload = serde_json::to_vec(&TreasuryMessage {
-        v: 1,
-        credit_ids: credit_ids.to_vec(),
-        request_ids: request_ids.to_vec(),
-    })?;
-    // Without confirm mode on the channel the returned confirm is already resolved; dropping it
-    // keeps nothing in lapin.
-    drop(
-        channel
-            .basic_publish(
-                "".into(),
-                topology.treasury_queue().as_str().into(),
-                BasicPublishOptions::default(),
-                &payload,
-                BasicProperties::default()
-                    .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
-                    .with_content_type("application/json".into()),
-            )
-            .await
-            .context("publishing to the treasury")?,
-    );
-    Ok(())
 }
 
 pub(crate) async fn publish_follow_up(

@@ -10,10 +10,10 @@
 //! (`apply::apply_batch`). Each partition hands over one batch and waits for its answer before
 //! it collects the next, so the order within a partition is kept. Nothing is acknowledged before
 //! the group has committed and the broker has confirmed the group's follow-ups (its treasury
-//! nudge is a hint and is not waited for: `nudges`). When a group
-//! cannot be applied, for any reason, each partition applies its batch alone, with the retries
-//! and splitting of `consumer` (a command is never lost: a redelivered command that did commit
-//! is answered from its stored result).
+//! nudge is a hint and is not waited for: `nudges`). When a group cannot be applied, for any
+//! reason, each partition applies its batch alone, with the retries and splitting of `consumer`
+//! (a command is never lost: a redelivered command that did commit is answered from its stored
+//! result).
 
 use std::sync::Arc;
 
@@ -288,7 +288,7 @@ impl Running {
         }
         self.committers
             .nudges
-            .send(&hot_credit_ids, &applied_request_ids);
+            .send(hot_credit_ids, applied_request_ids);
         let published: Published = async move {
             for confirm in confirms {
                 match confirm.await {

@@ -11,12 +11,15 @@
 
 use std::time::Duration;
 
-use lapin::Channel;
+use anyhow::Context;
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel};
 use shared::broker::Topology;
+use shared::wire::TreasuryMessage;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::publish_treasury_nudge;
+use crate::consumer::DELIVERY_MODE_PERSISTENT;
 
 /// Batches' nudges waiting for the next message; past this they are dropped (the sweep folds
 /// their credits).
@@ -24,15 +27,10 @@ const NUDGES_WAITING_MAX: usize = 1_024;
 /// Most credits named in one message, which keeps it far below the broker's message limit.
 const NUDGE_CREDITS_MAX: usize = 20_000;
 
-struct Nudge {
-    credit_ids: Vec<i64>,
-    request_ids: Vec<String>,
-}
-
 /// The batches' side: hands over the hot credits a committed batch wrote.
 #[derive(Clone)]
 pub(crate) struct Nudges {
-    sender: mpsc::Sender<Nudge>,
+    sender: mpsc::Sender<TreasuryMessage>,
 }
 
 impl Nudges {
@@ -51,13 +49,14 @@ impl Nudges {
     }
 
     /// Asks for the treasury to fold these credits soon. Never waits.
-    pub fn send(&self, credit_ids: &[i64], request_ids: &[String]) {
+    pub fn send(&self, credit_ids: Vec<i64>, request_ids: Vec<String>) {
         if credit_ids.is_empty() {
             return;
         }
-        let nudge = Nudge {
-            credit_ids: credit_ids.to_vec(),
-            request_ids: request_ids.to_vec(),
+        let nudge = TreasuryMessage {
+            v: 1,
+            credit_ids,
+            request_ids,
         };
         if self.sender.try_send(nudge).is_err() {
             metrics::counter!("wallet_treasury_nudges_dropped_total").increment(1);
@@ -66,7 +65,7 @@ impl Nudges {
 }
 
 async fn publish_nudges(
-    mut receiver: mpsc::Receiver<Nudge>,
+    mut receiver: mpsc::Receiver<TreasuryMessage>,
     channel: Channel,
     topology: Topology,
     interval: Duration,
@@ -77,11 +76,7 @@ async fn publish_nudges(
             () = stop.cancelled() => return,
             first = receiver.recv() => first,
         };
-        let Some(Nudge {
-            mut credit_ids,
-            mut request_ids,
-        }) = first
-        else {
+        let Some(mut nudge) = first else {
             return;
         };
         // What other batches commit meanwhile goes in the same message.
@@ -89,25 +84,51 @@ async fn publish_nudges(
             () = stop.cancelled() => {}
             () = tokio::time::sleep(interval) => {}
         }
-        while credit_ids.len() < NUDGE_CREDITS_MAX {
+        while nudge.credit_ids.len() < NUDGE_CREDITS_MAX {
             let Ok(next) = receiver.try_recv() else {
                 break;
             };
-            credit_ids.extend(next.credit_ids);
-            request_ids.extend(next.request_ids);
+            nudge.credit_ids.extend(next.credit_ids);
+            nudge.request_ids.extend(next.request_ids);
         }
-        if let Err(error) =
-            publish_treasury_nudge(&channel, &topology, &credit_ids, &request_ids).await
-        {
+        if let Err(error) = publish(&channel, &topology, &nudge).await {
             // The channel is gone, and with it the connection: the worker reconnects, and the
             // treasury's sweep folds these credits.
             tracing::warn!(
                 error = format!("{error:#}"),
-                credits = credit_ids.len(),
+                credits = nudge.credit_ids.len(),
                 "could not publish a treasury nudge"
             );
             return;
         }
         metrics::counter!("wallet_treasury_nudges_published_total").increment(1);
     }
+}
+
+/// Publishes one nudge on `channel`, which has no publisher confirms: the treasury's sweep folds
+/// every credit whose nudge never came (`TREASURY_SWEEP_INTERVAL_MS`), so nothing waits for the
+/// broker's disk here.
+async fn publish(
+    channel: &Channel,
+    topology: &Topology,
+    nudge: &TreasuryMessage,
+) -> anyhow::Result<()> {
+    let payload = serde_json::to_vec(nudge)?;
+    // Without confirm mode on the channel the returned confirm is already resolved; dropping it
+    // keeps nothing in lapin.
+    drop(
+        channel
+            .basic_publish(
+                "".into(),
+                topology.treasury_queue().as_str().into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default()
+                    .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
+                    .with_content_type("application/json".into()),
+            )
+            .await
+            .context("publishing to the treasury")?,
+    );
+    Ok(())
 }
