@@ -60,7 +60,7 @@ impl Http1Client {
         })
     }
 
-    /// POSTs `body` to `path` and reads the answer to its end.
+    /// POSTs `body` to `path` and reads the answer to its end, within the client's timeout.
     pub async fn post(
         &self,
         path: &str,
@@ -68,59 +68,46 @@ impl Http1Client {
         authorization: Option<HeaderValue>,
         body: Vec<u8>,
     ) -> Answer {
-        match tokio::time::timeout(
-            self.timeout,
-            self.exchange(path, idempotency_key, authorization, body),
-        )
-        .await
-        {
-            Ok(answer) => answer,
-            Err(_) => Err(TransportError::Timeout),
-        }
-    }
-
-    async fn exchange(
-        &self,
-        path: &str,
-        idempotency_key: &str,
-        authorization: Option<HeaderValue>,
-        body: Vec<u8>,
-    ) -> Answer {
-        let mut connection = match self.take_idle() {
-            Some(mut connection) => match connection.ready().await {
-                Ok(()) => connection,
-                // The server closed it meanwhile: a new connection instead.
-                Err(_) => self.connect().await?,
-            },
-            None => self.connect().await?,
+        let exchange = async {
+            let mut connection = match self.take_idle() {
+                Some(mut connection) => match connection.ready().await {
+                    Ok(()) => connection,
+                    // The server closed it meanwhile: a new connection instead.
+                    Err(_) => self.connect().await?,
+                },
+                None => self.connect().await?,
+            };
+            let mut request = hyper::Request::post(path)
+                .header(HOST, self.host.clone())
+                .header(CONTENT_TYPE, self.json.clone())
+                .header("idempotency-key", idempotency_key);
+            if let Some(authorization) = authorization {
+                request = request.header(AUTHORIZATION, authorization);
+            }
+            let request = request
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|_| TransportError::Other)?;
+            let response = connection
+                .send_request(request)
+                .await
+                .map_err(|_| TransportError::Other)?;
+            let status = response.status().as_u16();
+            let replayed = response
+                .headers()
+                .get("idempotent-replayed")
+                .is_some_and(|value| value.as_bytes() == b"true");
+            // Read to the end, so the connection can carry the next request.
+            response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|_| TransportError::Other)?;
+            self.give_back(connection);
+            Ok((status, replayed))
         };
-        let mut request = hyper::Request::post(path)
-            .header(HOST, self.host.clone())
-            .header(CONTENT_TYPE, self.json.clone())
-            .header("idempotency-key", idempotency_key);
-        if let Some(authorization) = authorization {
-            request = request.header(AUTHORIZATION, authorization);
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|_| TransportError::Other)?;
-        let response = connection
-            .send_request(request)
+        tokio::time::timeout(self.timeout, exchange)
             .await
-            .map_err(|_| TransportError::Other)?;
-        let status = response.status().as_u16();
-        let replayed = response
-            .headers()
-            .get("idempotent-replayed")
-            .is_some_and(|value| value.as_bytes() == b"true");
-        // Read to the end, so the connection can carry the next request.
-        response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|_| TransportError::Other)?;
-        self.give_back(connection);
-        Ok((status, replayed))
+            .unwrap_or(Err(TransportError::Timeout))
     }
 
     fn take_idle(&self) -> Option<SendRequest<Full<Bytes>>> {
