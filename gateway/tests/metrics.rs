@@ -28,6 +28,13 @@ fn series_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> 
         .and_then(|value| value.parse().ok())
 }
 
+/// The gateway's `/metrics` page, which answers 200.
+async fn metrics_text(system: &TestSystem) -> String {
+    let reply = system.get("/metrics", None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    reply.body.as_str().unwrap_or_default().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_by_kind_and_queue_depths_are_exported() {
     let system = TestSystem::start().await;
@@ -48,9 +55,7 @@ async fn commands_by_kind_and_queue_depths_are_exported() {
     let partition_queue = format!("{}wallet.commands.p0", system.common.queue_prefix);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let reply = system.get("/metrics", None).await;
-        assert_eq!(reply.status, StatusCode::OK);
-        let text = reply.body.as_str().unwrap_or_default().to_string();
+        let text = metrics_text(&system).await;
         let found = [
             series_value(
                 &text,
@@ -113,13 +118,7 @@ async fn nudges_get_hot_credits_folded() {
             .fetch_one(&system.pool)
             .await
             .expect("counting hot credits");
-        let text = system
-            .get("/metrics", None)
-            .await
-            .body
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let text = metrics_text(&system).await;
         let published = series_value(&text, "wallet_treasury_nudges_published_total", &[]);
         let folded = series_value(&text, "wallet_treasury_credits_folded_total", &[]);
         if unfolded == 0
