@@ -46,8 +46,8 @@ pub struct GatewayConfig {
 
     /// Broker channels used for publishing (each with its own reply consumer). One by default:
     /// a worker sends one reply message per channel for each group it commits, so each channel
-    /// more means more reply messages for the broker (measured: 3-7 % more commands/s end to
-    /// end with one channel than with four, BENCHMARKS.md).
+    /// more means more reply messages for the broker (measured together with uuid's `fast-rng`:
+    /// 7-9 % more commands/s end to end with one channel than with four, BENCHMARKS.md).
     #[arg(long, env = "PUBLISHER_CHANNELS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub publisher_channels: u16,
 
