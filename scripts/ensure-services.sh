@@ -62,6 +62,18 @@ tcp_open() {
     timeout 3 bash -c "</dev/tcp/$1/$2" >/dev/null 2>&1
 }
 
+# Does the AMQP server on host:port answer the protocol header with its first frame? A broker
+# that has run out of file handles still accepts TCP connections but never answers, and every
+# client then hangs until its own timeout.
+amqp_answers() {
+    timeout 10 bash -c '
+        exec 3<>"/dev/tcp/$1/$2" || exit 1
+        printf "AMQP\x00\x00\x09\x01" >&3
+        # The first byte of a Connection.Start frame is the frame type 1 (method).
+        [ "$(head -c 1 <&3 | od -An -tu1 | tr -d " ")" = "1" ]
+    ' amqp_answers "$1" "$2" >/dev/null 2>&1
+}
+
 # url_part URL FIELD: prints host, port or user of a URL like
 # scheme://user:pass@host:port/path?query (host may be [v6]). Empty when absent.
 url_part() {
@@ -290,6 +302,11 @@ enable_management() {
 }
 
 rabbit_start() {
+    # Every quorum queue keeps a few files open. With a soft limit of 1,024 open files (the
+    # default of many systems) about 300 queues leave the broker no handle for new connections,
+    # and the test suite declares 18 queues for each system it starts. So the broker gets the
+    # hard limit.
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
     as_root rabbitmq-server -detached
     # await_startup can fail at once while the new node is not yet reachable: retry until the
     # deadline.
@@ -321,6 +338,8 @@ ensure_rabbitmq() {
     fi
 
     if tcp_open "$AMQP_HOST" "$AMQP_PORT"; then
+        amqp_answers "$AMQP_HOST" "$AMQP_PORT" ||
+            die "RabbitMQ on $AMQP_HOST:$AMQP_PORT accepts connections but does not answer AMQP. A common cause is a broker out of file handles (many leftover quorum queues under a limit of 1,024 open files): see 'rabbitmq-diagnostics status' (file descriptors), delete leftover queues, or restart it with a higher 'ulimit -n'."
         enable_management
         log "RabbitMQ already running on $AMQP_HOST:$AMQP_PORT"
         return
