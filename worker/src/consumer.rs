@@ -173,15 +173,13 @@ impl PartitionConsumer {
 
         let mut confirms = Vec::new();
         let mut published_outbox = Vec::new();
-        for result in &results {
+        for result in results {
             for message in &result.outbox {
                 confirms.push(publish_follow_up(&self.channel, &self.topology, message).await?);
                 published_outbox.push(message.id);
             }
-            self.nudges.send(
-                result.hot_credit_ids.clone(),
-                result.applied_request_ids.clone(),
-            );
+            self.nudges
+                .send(result.hot_credit_ids, result.applied_request_ids);
         }
         let mut replies = ReplyBatch::default();
         // Commands by kind and outcome, counted here and added to the metric once per batch.
