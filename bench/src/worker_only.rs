@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::value::RawValue;
-use shared::broker::Topology;
+use shared::broker::{DELIVERY_MODE_PERSISTENT, Topology};
 use shared::config::CommonConfig;
 use shared::ids;
 use shared::partition::partition_of;
@@ -35,8 +35,6 @@ pub const PUBLISH_CONFIRMS_IN_FLIGHT_MAX: usize = 2_000;
 const APPLY_POLL_MS: u64 = 200;
 /// Queues of this run expire this long after their last consumer left.
 const QUEUE_EXPIRES_MS: u32 = 300_000;
-/// Persistent delivery, as the gateway publishes.
-const DELIVERY_MODE_PERSISTENT: u8 = 2;
 /// Most commands one run may publish.
 pub const COMMANDS_MAX: usize = 10_000_000;
 /// The most expensive item, to fund players for every purchase they may make.

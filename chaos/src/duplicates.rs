@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use shared::broker::Topology;
+use shared::broker::{DELIVERY_MODE_PERSISTENT, Topology};
 use shared::partition::partition_of;
 use shared::wire::CommandEnvelope;
 
@@ -18,8 +18,6 @@ const CONNECT_TIMEOUT_MS: u64 = 3_000;
 const CONFIRM_TIMEOUT_MS: u64 = 5_000;
 /// Applied commands kept for late duplicates (the oldest are dropped).
 const APPLIED_POOL_MAX: usize = 2_000;
-/// Persistent delivery, as the gateway publishes.
-const DELIVERY_MODE_PERSISTENT: u8 = 2;
 
 pub struct Duplicator {
     amqp_url: String,

@@ -20,7 +20,7 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOpti
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use shared::backoff::Backoff;
-use shared::broker::Topology;
+use shared::broker::{DELIVERY_MODE_PERSISTENT, Topology};
 use shared::partition::partition_of;
 use shared::wire::{AddressedCommand, CommandEnvelope, CommandReply};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -30,8 +30,6 @@ use crate::error::ApiError;
 
 /// The pseudo-queue of RabbitMQ's direct reply-to.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
-/// Persistent delivery: the broker writes the command to disk before confirming it.
-const DELIVERY_MODE_PERSISTENT: u8 = 2;
 /// How long the broker may take to confirm a publish before the request fails with 503.
 const CONFIRM_TIMEOUT_MS: u64 = 5_000;
 /// A batch stops taking commands once its JSON is this large (the first command always goes):

@@ -9,6 +9,10 @@ use std::time::Duration;
 use crate::SharedError;
 use crate::config::CommonConfig;
 
+/// AMQP delivery mode 2, persistent: the broker writes the message to disk before confirming it,
+/// so a confirmed command or follow-up survives a broker restart.
+pub const DELIVERY_MODE_PERSISTENT: u8 = 2;
+
 /// Names of everything on the broker, with the configured prefix applied.
 #[derive(Debug, Clone)]
 pub struct Topology {

@@ -13,7 +13,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, message::Delivery};
 use shared::backoff::Backoff;
-use shared::broker::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, Topology};
+use shared::broker::{
+    DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, DELIVERY_MODE_PERSISTENT, Topology,
+};
 use shared::db::is_transient;
 use shared::domain::error_body;
 use shared::wire::{CommandEnvelope, CommandReply, UnreadableCommand, decode_commands};
@@ -30,8 +32,6 @@ use crate::replies::{ReplyBatch, ReplyTarget};
 const SINGLE_COMMAND_ATTEMPTS_MAX: u32 = 3;
 /// How many unpublished follow-ups one sweep republishes at most.
 const OUTBOX_SWEEP_BATCH_MAX: i64 = 1_000;
-/// Persistent delivery: the broker writes the message to disk before confirming it.
-pub(crate) const DELIVERY_MODE_PERSISTENT: u8 = 2;
 
 pub(crate) struct PartitionConsumer {
     pub pool: PgPool,

@@ -14,12 +14,10 @@ use std::time::Duration;
 use anyhow::Context;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel};
-use shared::broker::Topology;
+use shared::broker::{DELIVERY_MODE_PERSISTENT, Topology};
 use shared::wire::TreasuryMessage;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-use crate::consumer::DELIVERY_MODE_PERSISTENT;
 
 /// Batches' nudges waiting for the next message; past this they are dropped (the sweep folds
 /// their credits).

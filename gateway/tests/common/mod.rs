@@ -535,7 +535,7 @@ impl DirectBroker {
                 lapin::options::BasicPublishOptions::default(),
                 payload,
                 properties
-                    .with_delivery_mode(2)
+                    .with_delivery_mode(shared::broker::DELIVERY_MODE_PERSISTENT)
                     .with_reply_to(self.reply_queue.as_str().into()),
             )
             .await
