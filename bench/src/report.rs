@@ -15,6 +15,8 @@ use serde::Serialize;
 pub const LATENCY_MAX_US: u64 = 3_600_000_000;
 /// Precision of the histograms: three significant digits (0.1 % error).
 const HISTOGRAM_SIGNIFICANT_DIGITS: u8 = 3;
+/// Most seconds the per-second latency series holds (a day); later answers are not in it.
+const SERIES_SECONDS_MAX: usize = 86_400;
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,12 +72,15 @@ struct RecorderInner {
     statuses: BTreeMap<String, u64>,
     replayed: u64,
     last_answer: Option<Instant>,
+    /// The slowest latency (µs) of the answers of each second since the recorder was made.
+    max_by_second_us: Vec<u64>,
 }
 
 /// Shared by every client task of one measurement.
 pub struct Recorder {
     inner: Mutex<RecorderInner>,
     pub live: LiveCounters,
+    created: Instant,
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -98,8 +103,10 @@ impl Recorder {
                 statuses: BTreeMap::new(),
                 replayed: 0,
                 last_answer: None,
+                max_by_second_us: Vec::new(),
             }),
             live: LiveCounters::default(),
+            created: Instant::now(),
         }
     }
 
@@ -134,6 +141,19 @@ impl Recorder {
         }
         if inner.last_answer.is_none_or(|last| last < answered_at) {
             inner.last_answer = Some(answered_at);
+        }
+        let second = usize::try_from(
+            answered_at
+                .saturating_duration_since(self.created)
+                .as_secs(),
+        )
+        .unwrap_or(usize::MAX);
+        if second < SERIES_SECONDS_MAX {
+            if inner.max_by_second_us.len() <= second {
+                inner.max_by_second_us.resize(second + 1, 0);
+            }
+            let slowest = &mut inner.max_by_second_us[second];
+            *slowest = (*slowest).max(micros);
         }
     }
 
@@ -185,8 +205,22 @@ impl Recorder {
                 0.0
             }
         };
+        // The series starts at the window's first whole second, as the recorded requests do.
+        let first_second = usize::try_from(
+            window_start
+                .saturating_duration_since(self.created)
+                .as_secs(),
+        )
+        .unwrap_or(usize::MAX);
+        let latency_max_by_second_ms = inner
+            .max_by_second_us
+            .iter()
+            .skip(first_second)
+            .map(|micros| round3(*micros as f64 / 1_000.0))
+            .collect();
         Report {
             driver_cpu_cores: None,
+            latency_max_by_second_ms,
             commands_per_s: round2(per_second(counts.results)),
             ok_per_s: round2(per_second(counts.ok)),
             answers_per_s: round2(per_second(counts.answered)),
@@ -299,6 +333,9 @@ pub struct Report {
     pub latency_ms: LatencySummary,
     /// Only 2xx answers but 202.
     pub latency_ok_ms: LatencySummary,
+    /// The slowest answer of each second of the window (by answer time; 0 for a second without
+    /// answers), to tell a steady tail from a few stalls.
+    pub latency_max_by_second_ms: Vec<f64>,
     /// Answers per status code, and failures without an answer (`transport_*`).
     pub statuses: BTreeMap<String, u64>,
 }

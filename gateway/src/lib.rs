@@ -218,6 +218,7 @@ pub async fn build_state(
         usize::from(config.publisher_channels),
         config.in_flight_max,
         usize::from(config.publish_batch_max),
+        std::time::Duration::from_millis(config.publish_linger_busy_ms),
     );
     tokio::spawn(Arc::clone(&publisher).run(
         config.common.amqp_url.clone(),

@@ -6,8 +6,10 @@
 //! its partition, and the partition's task publishes whatever has queued as one message
 //! (`shared::wire::CommandBatch`), waits for the broker's confirm and tells each request. While
 //! one message is being confirmed the next commands queue, so a message carries one command when
-//! the gateway is quiet and more as the load grows, without waiting on a timer. The broker's cost
-//! is mostly per message, so this is what lets it keep up with thousands of commands a second.
+//! the gateway is quiet and more as the load grows. A partition whose last message carried more
+//! than one command is busy, and its next message waits `PUBLISH_LINGER_BUSY_MS` after its first
+//! command for more; a quiet partition never waits. The broker's cost is mostly per message, so
+//! this is what lets it keep up with thousands of commands a second.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,6 +59,8 @@ pub struct Publisher {
     channels: usize,
     /// Most commands in one message.
     batch_max: usize,
+    /// How long a busy partition's next message waits for more commands after its first one.
+    linger_busy: Duration,
     /// Each partition's queue of commands waiting to be published.
     queues: Vec<mpsc::Sender<Queued>>,
     /// The receiving ends, taken by `run`, which starts the partitions' publishing tasks.
@@ -92,6 +96,7 @@ impl Publisher {
         channels: usize,
         in_flight_max: usize,
         batch_max: usize,
+        linger_busy: Duration,
     ) -> Arc<Self> {
         // Each queue is bounded by everything that may be in flight, which the semaphore bounds.
         let (queues, receivers) = (0..topology.partitions)
@@ -104,6 +109,7 @@ impl Publisher {
             in_flight: Semaphore::new(in_flight_max),
             channels: channels.max(1),
             batch_max: batch_max.max(1),
+            linger_busy,
             queues,
             receivers: Mutex::new(receivers),
         })
@@ -182,6 +188,8 @@ impl Publisher {
         stop: CancellationToken,
     ) {
         let mut batch: Vec<Queued> = Vec::with_capacity(self.batch_max);
+        // Whether the last message carried more than one command: the partition is busy.
+        let mut busy = false;
         loop {
             let first = tokio::select! {
                 () = stop.cancelled() => return,
@@ -190,11 +198,18 @@ impl Publisher {
             let Some(first) = first else { return };
             let mut bytes = first.envelope.get().len();
             batch.push(first);
+            // A busy partition waits a little for more commands, so the broker handles fewer,
+            // larger messages; a quiet one (a lone request) publishes at once.
+            let linger_until = (busy && !self.linger_busy.is_zero())
+                .then(|| tokio::time::Instant::now() + self.linger_busy);
             while batch.len() < self.batch_max && bytes < PUBLISH_BATCH_BYTES_MAX {
-                let Ok(next) = queue.try_recv() else { break };
+                let Some(next) = next_queued(&mut queue, linger_until).await else {
+                    break;
+                };
                 bytes += next.envelope.get().len();
                 batch.push(next);
             }
+            busy = batch.len() > 1;
             // A request that gave up before its command was published (its client went away,
             // or its deadline passed) has its command dropped, as it would have been had it
             // never reached the queue: nobody waits for it, and a retry carries the same key.
@@ -463,4 +478,18 @@ impl Publisher {
             anyhow::bail!("a reply channel closed")
         }
     }
+}
+
+/// The next command already queued or, with a linger, the next one to arrive before `until`.
+async fn next_queued(
+    queue: &mut mpsc::Receiver<Queued>,
+    until: Option<tokio::time::Instant>,
+) -> Option<Queued> {
+    if let Ok(next) = queue.try_recv() {
+        return Some(next);
+    }
+    tokio::time::timeout_at(until?, queue.recv())
+        .await
+        .ok()
+        .flatten()
 }
