@@ -493,3 +493,56 @@ async fn next_queued(
         .ok()
         .flatten()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued() -> (Queued, oneshot::Receiver<bool>) {
+        let (confirmed, confirmation) = oneshot::channel();
+        let queued = Queued {
+            envelope: serde_json::value::to_raw_value(&serde_json::json!({}))
+                .unwrap_or_else(|error| panic!("an empty object encodes: {error}")),
+            command_id: uuid::Uuid::nil(),
+            correlation_id: "c".to_string(),
+            confirmed,
+        };
+        (queued, confirmation)
+    }
+
+    #[tokio::test]
+    async fn a_quiet_partition_takes_only_what_is_queued() {
+        let (sender, mut queue) = mpsc::channel(4);
+        let (first, _first) = queued();
+        assert!(sender.try_send(first).is_ok());
+        assert!(next_queued(&mut queue, None).await.is_some());
+        // Nothing more is queued and there is no linger: no wait for the next command.
+        let started = std::time::Instant::now();
+        assert!(next_queued(&mut queue, None).await.is_none());
+        assert!(started.elapsed() < Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_lingering_partition_takes_a_command_that_arrives_before_the_deadline() {
+        let (sender, mut queue) = mpsc::channel(4);
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let (next, confirmation) = queued();
+            drop(sender.send(next).await);
+            confirmation
+        });
+        assert!(next_queued(&mut queue, Some(until)).await.is_some());
+        assert!(tokio::time::Instant::now() < until);
+        drop(late.await);
+    }
+
+    #[tokio::test]
+    async fn a_lingering_partition_stops_waiting_at_the_deadline() {
+        let (_sender, mut queue) = mpsc::channel::<Queued>(4);
+        let linger = Duration::from_millis(30);
+        let until = tokio::time::Instant::now() + linger;
+        assert!(next_queued(&mut queue, Some(until)).await.is_none());
+        assert!(tokio::time::Instant::now() >= until);
+    }
+}
