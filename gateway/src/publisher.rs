@@ -528,9 +528,8 @@ mod tests {
         let until = tokio::time::Instant::now() + Duration::from_secs(10);
         let late = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let (next, confirmation) = queued();
+            let (next, _confirmation) = queued();
             drop(sender.send(next).await);
-            confirmation
         });
         assert!(next_queued(&mut queue, Some(until)).await.is_some());
         assert!(tokio::time::Instant::now() < until);
