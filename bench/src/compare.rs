@@ -526,11 +526,12 @@ fn print_result(result: &CompareResult) {
         verdict(result.audit_passed_baseline)
     );
     println!(
-        "machine: {} CPUs ({}), {:.1} GiB, kernel {}",
+        "machine: {} CPUs ({}), {:.1} GiB, kernel {}, CPU reference {:.1} ms",
         result.machine.cpus,
         result.machine.cpu_model,
         result.machine.memory_gib,
-        result.machine.kernel
+        result.machine.kernel,
+        result.machine.cpu_reference_ms
     );
 }
 

@@ -446,6 +446,29 @@ pub struct Machine {
     pub cpu_model: String,
     pub memory_gib: f64,
     pub kernel: String,
+    /// Milliseconds one core takes for a fixed integer workload (`cpu_reference_ms`, best of
+    /// three), taken when the report is made: machines of the same name differ from day to day,
+    /// and one machine drifts within a day, so this tells a slower machine from a slower build.
+    pub cpu_reference_ms: f64,
+}
+
+/// Rounds of the reference workload: 99 ms on the sixth session's Intel Xeon (2026-12-01).
+const CPU_REFERENCE_ROUNDS: u64 = 100_000_000;
+
+/// The best of three timings of a fixed, single-threaded integer workload (FNV-1a steps over a
+/// counter), in milliseconds.
+fn cpu_reference_ms() -> f64 {
+    (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+            for round in 0..std::hint::black_box(CPU_REFERENCE_ROUNDS) {
+                hash = (hash ^ round).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            std::hint::black_box(hash);
+            started.elapsed().as_secs_f64() * 1_000.0
+        })
+        .fold(f64::INFINITY, f64::min)
 }
 
 pub fn machine() -> Machine {
@@ -468,6 +491,7 @@ pub fn machine() -> Machine {
         cpu_model,
         memory_gib: round2(memory_kib / 1_048_576.0),
         kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+        cpu_reference_ms: round2(cpu_reference_ms()),
     }
 }
 
@@ -562,5 +586,12 @@ mod tests {
         let table = render_table(&[&report, &report]);
         assert!(table.contains("commands/s"));
         assert!(table.contains("transport_timeout:1"));
+    }
+
+    #[test]
+    fn the_machine_carries_a_cpu_reference_time() {
+        let machine = machine();
+        assert!(machine.cpu_reference_ms.is_finite());
+        assert!(machine.cpu_reference_ms > 0.0);
     }
 }
