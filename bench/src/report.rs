@@ -142,12 +142,7 @@ impl Recorder {
         if inner.last_answer.is_none_or(|last| last < answered_at) {
             inner.last_answer = Some(answered_at);
         }
-        let second = usize::try_from(
-            answered_at
-                .saturating_duration_since(self.created)
-                .as_secs(),
-        )
-        .unwrap_or(usize::MAX);
+        let second = self.second_of(answered_at);
         if second < SERIES_SECONDS_MAX {
             if inner.max_by_second_us.len() <= second {
                 inner.max_by_second_us.resize(second + 1, 0);
@@ -155,6 +150,11 @@ impl Recorder {
             let slowest = &mut inner.max_by_second_us[second];
             *slowest = (*slowest).max(micros);
         }
+    }
+
+    /// The whole seconds from the recorder's creation to `at`: an index of the per-second series.
+    fn second_of(&self, at: Instant) -> usize {
+        usize::try_from(at.saturating_duration_since(self.created).as_secs()).unwrap_or(usize::MAX)
     }
 
     /// An open-loop send that was not made because too many requests were outstanding.
@@ -206,12 +206,7 @@ impl Recorder {
             }
         };
         // The series starts at the window's first whole second, as the recorded requests do.
-        let first_second = usize::try_from(
-            window_start
-                .saturating_duration_since(self.created)
-                .as_secs(),
-        )
-        .unwrap_or(usize::MAX);
+        let first_second = self.second_of(window_start);
         let latency_max_by_second_ms = inner
             .max_by_second_us
             .iter()
