@@ -441,8 +441,8 @@ pub struct Machine {
     pub cpu_model: String,
     pub memory_gib: f64,
     pub kernel: String,
-    /// Milliseconds one core takes for a fixed integer workload (`cpu_reference_ms`, best of
-    /// three), taken when the report is made: machines of the same name differ from day to day,
+    /// Milliseconds one core takes for a fixed integer workload (best of three), taken when the
+    /// report is made: machines of the same name differ from day to day,
     /// and one machine drifts within a day, so this tells a slower machine from a slower build.
     pub cpu_reference_ms: f64,
 }
