@@ -5,9 +5,10 @@
 //! the commands before it left: the result is the same as applying them one by one.
 //!
 //! Steps, all inside the caller's transaction:
-//! 1. look up stored results (dedup by command id);
+//! 1. in one statement: look up stored results (dedup by command id), read the items bought and
+//!    lock every existing account of the players involved, in id order;
 //! 2. create the users of new signups (`ON CONFLICT DO NOTHING` tells who got the name);
-//! 3. create missing accounts, then lock every account of every player involved, in id order;
+//! 3. create the missing accounts, then lock them;
 //! 4. decide each command in order (overdraft checks, checked arithmetic, postings);
 //! 5. write journals, postings, balances, hot credits, command results and outbox rows.
 
@@ -251,23 +252,14 @@ pub async fn apply_batch(
         })
         .collect();
 
-    // 1. Dedup against stored results.
-    let ids: Vec<Uuid> = envelopes.iter().map(|(_, envelope)| envelope.id).collect();
-    let stored: Vec<(Uuid, String, i16, Json<Value>)> = sqlx::query_as(
-        "SELECT id, fingerprint, status_code, body FROM commands WHERE id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(&mut **transaction)
-    .await?;
-    let stored: HashMap<Uuid, (String, u16, Value)> = stored
-        .into_iter()
-        .map(|(id, fingerprint, status, Json(body))| {
-            (
-                id,
-                (fingerprint, u16::try_from(status).unwrap_or(500), body),
-            )
-        })
-        .collect();
+    // 1. One round trip reads what is stored: the results of command ids seen before (dedup),
+    //    the items bought, and every account of the players involved, locked in id order.
+    let StoredState {
+        commands: stored,
+        items,
+        mut accounts,
+        players: mut known_players,
+    } = read_stored(transaction, &envelopes).await?;
 
     // The first delivery of each new command id in this batch is decided; the rest replay it.
     let mut first_new: HashSet<Uuid> = HashSet::new();
@@ -302,16 +294,8 @@ pub async fn apply_batch(
     // 2. Users of new signups.
     let signup_outcomes = create_users(transaction, &new_commands).await?;
 
-    // 3. Accounts of every player involved, created when missing, then locked in id order.
-    let item_names: Vec<String> = new_commands
-        .iter()
-        .filter_map(|envelope| match &envelope.command {
-            Command::Purchase { item, .. } => Some(item.clone()),
-            _ => None,
-        })
-        .collect();
-    let items = load_items(transaction, &item_names).await?;
-    let mut players: Vec<Uuid> = Vec::new();
+    // 3. Accounts of every player involved: those that exist were locked by step 1; the missing
+    //    ones are created, then locked.
     let mut wanted_accounts: Vec<(Uuid, String)> = Vec::new();
     for envelope in &new_commands {
         let player = envelope.command.partition_player();
@@ -323,7 +307,6 @@ pub async fn apply_batch(
         {
             continue;
         }
-        players.push(player);
         wanted_accounts.push((player, GEMS.to_string()));
         match &envelope.command {
             Command::Purchase { item, .. } => {
@@ -337,9 +320,8 @@ pub async fn apply_batch(
             _ => {}
         }
     }
-    // Most commands touch accounts that exist, so lock first and create only what is missing
-    // (one round trip less per batch, and no insert attempts for existing accounts).
-    let (mut accounts, mut known_players) = lock_accounts(transaction, &players).await?;
+    // Most commands touch accounts that exist, so step 1 locked them and only what is missing
+    // is created (no insert attempts for existing accounts).
     let missing: Vec<(Uuid, String)> = wanted_accounts
         .into_iter()
         .filter(|key| !accounts.contains_key(key))
@@ -663,32 +645,143 @@ async fn create_users(
     Ok(outcomes)
 }
 
-async fn load_items(
-    transaction: &mut Transaction<'_, Postgres>,
-    names: &[String],
-) -> Result<HashMap<String, Item>, sqlx::Error> {
-    if names.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
-        "SELECT item, asset, price_asset, price FROM items WHERE item = ANY($1) AND active",
+/// What a batch needs of the stored state before deciding (`read_stored`).
+struct StoredState {
+    /// Command ids already applied: their fingerprint, status and body.
+    commands: HashMap<Uuid, (String, u16, Value)>,
+    /// The active items the batch's purchases name.
+    items: HashMap<String, Item>,
+    /// Every existing account of the players the batch's commands (signups aside) act for,
+    /// locked.
+    accounts: HashMap<(Uuid, String), AccountState>,
+    /// Those players' names and referral codes.
+    players: HashMap<Uuid, (String, String)>,
+}
+
+/// One row of `READ_STORED`: which part it belongs to (`STORED_*`), then the part's columns.
+type StoredRow = (
+    i16,
+    Option<Uuid>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<Json<Value>>,
+);
+
+const STORED_COMMAND: i16 = 1;
+const STORED_ITEM: i16 = 2;
+const STORED_ACCOUNT: i16 = 3;
+
+/// Three reads in one statement, because every round trip costs both processes a wake-up on a
+/// busy machine and a batch needs all three before deciding. The accounts are locked in id order
+/// (the materialized CTE's `ORDER BY ... FOR UPDATE`) so that two transactions touching
+/// overlapping players never deadlock.
+const READ_STORED: &str = "
+    WITH locked AS MATERIALIZED (
+        SELECT a.id, a.owner_id, a.asset, a.balance, a.version, u.username, u.referral_code
+        FROM accounts a JOIN users u ON u.id = a.owner_id
+        WHERE a.owner_id = ANY($3) AND a.owner_kind = 'player'
+        ORDER BY a.id FOR UPDATE OF a
     )
-    .bind(names)
-    .fetch_all(&mut **transaction)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(item, asset, price_asset, price)| {
+    SELECT 1::int2, id, fingerprint, NULL::text, NULL::text,
+           status_code::int8, NULL::int8, NULL::int8, body
+    FROM commands WHERE id = ANY($1)
+    UNION ALL
+    SELECT 2::int2, NULL, item, asset, price_asset, price, NULL, NULL, NULL
+    FROM items WHERE item = ANY($2) AND active
+    UNION ALL
+    SELECT 3::int2, owner_id, asset, username, referral_code, id, balance, version, NULL
+    FROM locked";
+
+/// Reads, in one round trip, the stored results of the batch's command ids, the items its
+/// purchases name and, locked, the accounts of the players its commands act for. Signups are
+/// left out: their players are new, so their accounts are created and locked after their users.
+/// A replayed command's player is locked too, which is harmless: only this partition's owner
+/// writes that player's accounts.
+async fn read_stored(
+    transaction: &mut Transaction<'_, Postgres>,
+    envelopes: &[(u16, &CommandEnvelope)],
+) -> Result<StoredState, sqlx::Error> {
+    let ids: Vec<Uuid> = envelopes.iter().map(|(_, envelope)| envelope.id).collect();
+    let mut item_names: Vec<&str> = Vec::new();
+    let mut players: Vec<Uuid> = Vec::new();
+    for (_, envelope) in envelopes {
+        match &envelope.command {
+            Command::Signup { .. } => continue,
+            Command::Purchase { item, .. } => item_names.push(item),
+            _ => {}
+        }
+        players.push(envelope.command.partition_player());
+    }
+    item_names.sort_unstable();
+    item_names.dedup();
+    players.sort_unstable();
+    players.dedup();
+    let rows: Vec<StoredRow> = sqlx::query_as(READ_STORED)
+        .bind(&ids)
+        .bind(&item_names)
+        .bind(&players)
+        .fetch_all(&mut **transaction)
+        .await?;
+    let mut state = StoredState {
+        commands: HashMap::new(),
+        items: HashMap::new(),
+        accounts: HashMap::with_capacity(rows.len()),
+        players: HashMap::new(),
+    };
+    for row in rows {
+        match row {
+            (STORED_COMMAND, Some(id), Some(fingerprint), _, _, Some(status), _, _, Some(body)) => {
+                let status = u16::try_from(status).unwrap_or(500);
+                state.commands.insert(id, (fingerprint, status, body.0));
+            }
+            (STORED_ITEM, _, Some(item), Some(asset), Some(price_asset), Some(price), _, _, _) => {
+                state.items.insert(
+                    item,
+                    Item {
+                        asset,
+                        price_asset,
+                        price,
+                    },
+                );
+            }
             (
-                item,
-                Item {
-                    asset,
-                    price_asset,
-                    price,
-                },
-            )
-        })
-        .collect())
+                STORED_ACCOUNT,
+                Some(owner),
+                Some(asset),
+                Some(username),
+                Some(referral_code),
+                Some(id),
+                Some(balance),
+                Some(version),
+                _,
+            ) => {
+                state
+                    .players
+                    .entry(owner)
+                    .or_insert((username, referral_code));
+                state.accounts.insert(
+                    (owner, asset),
+                    AccountState {
+                        id,
+                        balance,
+                        version,
+                        changed: false,
+                    },
+                );
+            }
+            // Every column the parts select is NOT NULL in its table, so no other row exists.
+            _ => {
+                return Err(sqlx::Error::Protocol(
+                    "unexpected row from READ_STORED".into(),
+                ));
+            }
+        }
+    }
+    Ok(state)
 }
 
 /// Creates the missing accounts of existing players in existing assets (an id that names no
