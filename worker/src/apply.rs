@@ -118,6 +118,18 @@ struct AccountState {
     changed: bool,
 }
 
+impl AccountState {
+    /// An account as read under its row lock, not changed by the batch yet.
+    fn locked(id: i64, balance: i64, version: i64) -> Self {
+        Self {
+            id,
+            balance,
+            version,
+            changed: false,
+        }
+    }
+}
+
 /// Everything the batch writes, collected while deciding.
 #[derive(Default)]
 struct Writes {
@@ -763,15 +775,9 @@ async fn read_stored(
                     .players
                     .entry(owner)
                     .or_insert((username, referral_code));
-                state.accounts.insert(
-                    (owner, asset),
-                    AccountState {
-                        id,
-                        balance,
-                        version,
-                        changed: false,
-                    },
-                );
+                state
+                    .accounts
+                    .insert((owner, asset), AccountState::locked(id, balance, version));
             }
             // Every column the parts select is NOT NULL in its table, so no other row exists.
             _ => {
@@ -837,15 +843,7 @@ async fn lock_accounts(
     let mut known = HashMap::new();
     for (id, owner, asset, balance, version, username, referral_code) in rows {
         known.entry(owner).or_insert((username, referral_code));
-        accounts.insert(
-            (owner, asset),
-            AccountState {
-                id,
-                balance,
-                version,
-                changed: false,
-            },
-        );
+        accounts.insert((owner, asset), AccountState::locked(id, balance, version));
     }
     Ok((accounts, known))
 }
