@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::StreamExt;
@@ -160,6 +160,9 @@ impl Publisher {
             correlation_id: correlation_id.clone(),
         };
         let (confirmed, confirmation) = oneshot::channel();
+        // Where a command's time goes before its answer: waiting for its partition's publisher
+        // and the broker's confirm, then for the worker.
+        let queued_at = Instant::now();
         self.queues[usize::from(partition)]
             .try_send(Queued {
                 envelope: raw,
@@ -173,8 +176,14 @@ impl Publisher {
             tracing::warn!(command_id = %envelope.id, "the broker did not take the command");
             return Err(unavailable());
         }
+        metrics::histogram!("wallet_command_confirmed_seconds")
+            .record(queued_at.elapsed().as_secs_f64());
         match tokio::time::timeout(reply_timeout, receiver).await {
-            Ok(Ok(reply)) => Ok(PublishOutcome::Replied(reply)),
+            Ok(Ok(reply)) => {
+                metrics::histogram!("wallet_command_replied_seconds")
+                    .record(queued_at.elapsed().as_secs_f64());
+                Ok(PublishOutcome::Replied(reply))
+            }
             _ => Ok(PublishOutcome::Accepted),
         }
     }
@@ -258,6 +267,7 @@ impl Publisher {
             (Some(message_type), _) => properties.with_type(message_type.into()),
             (None, None) => properties,
         };
+        let published_at = Instant::now();
         let confirm = match channel
             .basic_publish(
                 self.topology.commands_exchange().as_str().into(),
@@ -280,7 +290,11 @@ impl Publisher {
             }
         };
         match tokio::time::timeout(Duration::from_millis(CONFIRM_TIMEOUT_MS), confirm).await {
-            Ok(Ok(Confirmation::Ack(None))) => true,
+            Ok(Ok(Confirmation::Ack(None))) => {
+                metrics::histogram!("wallet_publish_confirm_seconds")
+                    .record(published_at.elapsed().as_secs_f64());
+                true
+            }
             Ok(Ok(_)) => false,
             Ok(Err(error)) => {
                 tracing::warn!(%error, "publish not confirmed");

@@ -83,12 +83,19 @@ async fn commands_by_kind_and_queue_depths_are_exported() {
                 &[("queue", &partition_queue), ("kind", "partition")],
             ),
             series_value(&text, "wallet_batch_size_count", &[]),
+            series_value(&text, "wallet_command_confirmed_seconds_count", &[]),
+            series_value(&text, "wallet_command_replied_seconds_count", &[]),
+            series_value(&text, "wallet_publish_confirm_seconds_count", &[]),
         ];
         if found.iter().all(Option::is_some) {
             // Counters are shared by the tests of this binary, so they are at least ours.
             assert!(found[0].unwrap_or_default() >= 1.0, "top-ups counted");
             assert!(found[1].unwrap_or_default() >= 1.0, "purchases counted");
             assert!(found[2].unwrap_or_default() >= 1.0, "refusals counted");
+            // Three commands were answered, each after its message's confirm.
+            assert!(found[6].unwrap_or_default() >= 3.0, "confirms timed");
+            assert!(found[7].unwrap_or_default() >= 3.0, "replies timed");
+            assert!(found[8].unwrap_or_default() >= 1.0, "messages timed");
             break;
         }
         assert!(
