@@ -118,18 +118,6 @@ struct AccountState {
     changed: bool,
 }
 
-impl AccountState {
-    /// An account as read under its row lock, not changed by the batch yet.
-    fn locked(id: i64, balance: i64, version: i64) -> Self {
-        Self {
-            id,
-            balance,
-            version,
-            changed: false,
-        }
-    }
-}
-
 /// Everything the batch writes, collected while deciding.
 #[derive(Default)]
 struct Writes {
@@ -343,9 +331,10 @@ pub async fn apply_batch(
         let mut again: Vec<Uuid> = missing.iter().map(|(player, _)| *player).collect();
         again.sort_unstable();
         again.dedup();
-        let (created, known) = lock_accounts(transaction, &again).await?;
-        accounts.extend(created);
-        known_players.extend(known);
+        // The same statement locks them, with nothing else to read.
+        let created = query_stored(transaction, &[], &[], &again).await?;
+        accounts.extend(created.accounts);
+        known_players.extend(created.players);
     }
     let receivers = existing_receivers(transaction, &new_commands).await?;
     let reversed = load_reversed_journals(transaction, &new_commands).await?;
@@ -663,8 +652,7 @@ struct StoredState {
     commands: HashMap<Uuid, (String, u16, Value)>,
     /// The active items the batch's purchases name.
     items: HashMap<String, Item>,
-    /// Every existing account of the players the batch's commands (signups aside) act for,
-    /// locked.
+    /// Every existing account of the players asked for, locked.
     accounts: HashMap<(Uuid, String), AccountState>,
     /// Those players' names and referral codes.
     players: HashMap<Uuid, (String, String)>,
@@ -690,7 +678,8 @@ const STORED_ACCOUNT: i16 = 3;
 /// Three reads in one statement, because every round trip costs both processes a wake-up on a
 /// busy machine and a batch needs all three before deciding. The accounts are locked in id order
 /// (the materialized CTE's `ORDER BY ... FOR UPDATE`) so that two transactions touching
-/// overlapping players never deadlock.
+/// overlapping players never deadlock. Run with players only, it locks the accounts a batch has
+/// just created.
 const READ_STORED: &str = "
     WITH locked AS MATERIALIZED (
         SELECT a.id, a.owner_id, a.asset, a.balance, a.version, u.username, u.referral_code
@@ -732,10 +721,20 @@ async fn read_stored(
     item_names.dedup();
     players.sort_unstable();
     players.dedup();
+    query_stored(transaction, &ids, &item_names, &players).await
+}
+
+/// Runs `READ_STORED` for these command ids, item names and players (each may be empty).
+async fn query_stored(
+    transaction: &mut Transaction<'_, Postgres>,
+    ids: &[Uuid],
+    item_names: &[&str],
+    players: &[Uuid],
+) -> Result<StoredState, sqlx::Error> {
     let rows: Vec<StoredRow> = sqlx::query_as(READ_STORED)
-        .bind(&ids)
-        .bind(&item_names)
-        .bind(&players)
+        .bind(ids)
+        .bind(item_names)
+        .bind(players)
         .fetch_all(&mut **transaction)
         .await?;
     let mut state = StoredState {
@@ -775,9 +774,15 @@ async fn read_stored(
                     .players
                     .entry(owner)
                     .or_insert((username, referral_code));
-                state
-                    .accounts
-                    .insert((owner, asset), AccountState::locked(id, balance, version));
+                state.accounts.insert(
+                    (owner, asset),
+                    AccountState {
+                        id,
+                        balance,
+                        version,
+                        changed: false,
+                    },
+                );
             }
             // Every column the parts select is NOT NULL in its table, so no other row exists.
             _ => {
@@ -816,36 +821,6 @@ async fn create_accounts(
     .execute(&mut **transaction)
     .await?;
     Ok(())
-}
-
-type LockedAccounts = (
-    HashMap<(Uuid, String), AccountState>,
-    HashMap<Uuid, (String, String)>,
-);
-
-/// Locks every account of the given players, in account id order so that two transactions
-/// touching overlapping players never deadlock, and reads the players' names and codes. A
-/// player missing from the result does not exist.
-async fn lock_accounts(
-    transaction: &mut Transaction<'_, Postgres>,
-    players: &[Uuid],
-) -> Result<LockedAccounts, sqlx::Error> {
-    let rows: Vec<(i64, Uuid, String, i64, i64, String, String)> = sqlx::query_as(
-        "SELECT a.id, a.owner_id, a.asset, a.balance, a.version, u.username, u.referral_code
-         FROM accounts a JOIN users u ON u.id = a.owner_id
-         WHERE a.owner_id = ANY($1) AND a.owner_kind = 'player'
-         ORDER BY a.id FOR UPDATE OF a",
-    )
-    .bind(players)
-    .fetch_all(&mut **transaction)
-    .await?;
-    let mut accounts = HashMap::with_capacity(rows.len());
-    let mut known = HashMap::new();
-    for (id, owner, asset, balance, version, username, referral_code) in rows {
-        known.entry(owner).or_insert((username, referral_code));
-        accounts.insert((owner, asset), AccountState::locked(id, balance, version));
-    }
-    Ok((accounts, known))
 }
 
 /// Hot accounts are never locked by workers: their legs become hot credits. Their ids come
