@@ -307,7 +307,14 @@ rabbit_start() {
     # and the test suite declares 18 queues for each system it starts. So the broker gets the
     # hard limit.
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-    as_root rabbitmq-server -detached
+    if [ "$(id -u)" -eq 0 ] && [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && id rabbitmq >/dev/null 2>&1; then
+        # Debian's /usr/sbin/rabbitmq-server switches to the rabbitmq user with su, whose PAM
+        # session resets the soft limit to 1,024 (seen here): raise it after the switch.
+        (cd /var/lib/rabbitmq && su rabbitmq -s /bin/sh -c \
+            'ulimit -n "$(ulimit -Hn)"; exec /usr/lib/rabbitmq/bin/rabbitmq-server -detached')
+    else
+        as_root rabbitmq-server -detached
+    fi
     # await_startup can fail at once while the new node is not yet reachable: retry until the
     # deadline.
     local deadline=$((SECONDS + WAIT_SECONDS))
