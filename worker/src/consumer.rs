@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
@@ -47,6 +47,16 @@ pub(crate) struct PartitionConsumer {
     pub context: std::sync::Arc<ApplyContext>,
     /// The worker's committers, when group commit is on.
     pub group: Option<GroupCommit>,
+}
+
+/// How a batch ended.
+enum Settled {
+    /// Applied by a group's committer, and acknowledged.
+    Grouped,
+    /// Applied here (or nothing to apply), and acknowledged.
+    Alone,
+    /// Stopped before it could be applied: left unacknowledged.
+    Stopped,
 }
 
 /// What became of one decoded command.
@@ -94,10 +104,26 @@ impl PartitionConsumer {
             .with_context(|| format!("consuming {queue}"))?;
         tracing::info!(partition = self.partition, consumer = %self.consumer_tag, "consuming partition");
 
+        // Whether the last batch was applied by a group: then the committers wait a moment for
+        // this partition's next batch, and are told at once when there is none yet.
+        let mut grouped = false;
         loop {
-            let first = tokio::select! {
-                () = stop.cancelled() => break,
-                next = consumer.next() => next,
+            let ready = if grouped {
+                consumer.next().now_or_never()
+            } else {
+                None
+            };
+            let first = match ready {
+                Some(next) => next,
+                None => {
+                    if grouped && let Some(group) = &self.group {
+                        group.nothing_ready(self.partition);
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        next = consumer.next() => next,
+                    }
+                }
             };
             let Some(first) = first else {
                 anyhow::bail!("the consumer of {queue} was cancelled by the broker")
@@ -113,10 +139,12 @@ impl PartitionConsumer {
                     Ok(None) | Err(_) => break,
                 }
             }
-            if !self.process(batch, &stop).await? {
+            match self.process(batch, &stop).await? {
+                Settled::Grouped => grouped = true,
+                Settled::Alone => grouped = false,
                 // Stopped while the database was unavailable: the batch stays unacknowledged
                 // and is redelivered to whichever consumer takes the partition next.
-                break;
+                Settled::Stopped => break,
             }
         }
         drop(
@@ -133,8 +161,8 @@ impl PartitionConsumer {
         Ok(())
     }
 
-    /// Applies one batch and settles it. Ok(false) when stopped before it could be applied.
-    async fn process(&self, batch: Received, stop: &CancellationToken) -> anyhow::Result<bool> {
+    /// Applies one batch and settles it.
+    async fn process(&self, batch: Received, stop: &CancellationToken) -> anyhow::Result<Settled> {
         let started = std::time::Instant::now();
         let Received {
             deliveries,
@@ -165,7 +193,7 @@ impl PartitionConsumer {
             GroupAnswer::ApplyAlone => {
                 let Some(outcomes) = self.apply_resilient(&envelopes, stop, &mut results).await
                 else {
-                    return Ok(false);
+                    return Ok(Settled::Stopped);
                 };
                 outcomes
             }
@@ -271,6 +299,7 @@ impl PartitionConsumer {
             let confirmation = confirm.await.context("waiting for a publisher confirm")?;
             anyhow::ensure!(confirmation.is_ack(), "the broker refused a publish");
         }
+        let grouped = group_published.is_some();
         if let Some(published) = group_published {
             // The group's committer publishes what the group owes; wait for its confirms too.
             anyhow::ensure!(
@@ -289,11 +318,7 @@ impl PartitionConsumer {
             tracing::warn!(%error, "could not mark follow-ups published");
         }
         if let Some(last) = deliveries.last() {
-            // One acknowledgement for the whole batch: every delivery up to this tag is done.
-            self.channel
-                .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
-                .await
-                .context("acknowledging a batch")?;
+            self.acknowledge(last.delivery_tag)?;
         }
         let settled_as = |wanted: &str| -> u64 {
             settled
@@ -324,7 +349,39 @@ impl PartitionConsumer {
             replayed,
             "batch settled"
         );
-        Ok(true)
+        Ok(if grouped {
+            Settled::Grouped
+        } else {
+            Settled::Alone
+        })
+    }
+
+    /// Acknowledges every delivery up to `delivery_tag` (one acknowledgement for the whole
+    /// batch) without waiting for the frame to be written. Why: the partition collects its next
+    /// batch only after this, and the committers wait for it (`group`); the write is a hop to
+    /// the connection's I/O loop, which on a busy machine can take a millisecond. The first
+    /// poll queues the frame on the channel, so acknowledgements still go out in order; the
+    /// rest is waited for in a task that logs a failure. A lost acknowledgement is harmless:
+    /// the batch is redelivered and answered from its stored results.
+    fn acknowledge(&self, delivery_tag: u64) -> anyhow::Result<()> {
+        let channel = self.channel.clone();
+        let partition = self.partition;
+        let mut acknowledged = Box::pin(async move {
+            channel
+                .basic_ack(delivery_tag, BasicAckOptions { multiple: true })
+                .await
+        });
+        match (&mut acknowledged).now_or_never() {
+            Some(result) => result.context("acknowledging a batch"),
+            None => {
+                tokio::spawn(async move {
+                    if let Err(error) = acknowledged.await {
+                        tracing::warn!(partition, %error, "could not acknowledge a batch");
+                    }
+                });
+                Ok(())
+            }
+        }
     }
 
     /// Applies the envelopes, retrying transient failures with backoff (keeping order) and

@@ -15,7 +15,9 @@
 //! (a command is never lost: a redelivered command that did commit is answered from its stored
 //! result).
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
@@ -24,6 +26,7 @@ use shared::broker::Topology;
 use shared::wire::CommandEnvelope;
 use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use crate::apply::{ApplyContext, BatchResult, PartitionBatch, apply_batch};
 use crate::consumer::publish_follow_up;
@@ -36,6 +39,15 @@ const WAITING_BATCHES_MAX: usize = 4_096;
 
 /// Resolves to true once the broker confirmed everything a committed group owes.
 pub(crate) type Published = Shared<BoxFuture<'static, bool>>;
+
+/// What a partition tells the committers.
+enum ToCommitters {
+    /// Its next batch, to be applied in a group.
+    Batch(GroupRequest),
+    /// A partition that a group just answered has nothing more ready: the next group need not
+    /// wait for it.
+    NothingReady(u16),
+}
 
 /// A partition's batch handed to the committers.
 struct GroupRequest {
@@ -67,7 +79,7 @@ pub(crate) enum GroupAnswer {
 /// The partitions' side: hands a batch to the committers and waits for the answer.
 #[derive(Clone)]
 pub(crate) struct GroupCommit {
-    sender: mpsc::Sender<GroupRequest>,
+    sender: mpsc::Sender<ToCommitters>,
 }
 
 impl GroupCommit {
@@ -84,11 +96,24 @@ impl GroupCommit {
             targets,
             answer,
         };
-        if self.sender.send(request).await.is_err() {
+        if self
+            .sender
+            .send(ToCommitters::Batch(request))
+            .await
+            .is_err()
+        {
             return GroupAnswer::ApplyAlone;
         }
         // A committer that stopped before answering dropped the request: apply alone.
         answered.await.unwrap_or(GroupAnswer::ApplyAlone)
+    }
+
+    /// Tells the committers that a partition a group just answered has nothing more ready, so
+    /// the next group starts without waiting for it.
+    pub fn nothing_ready(&self, partition: u16) {
+        // When the channel is full or closed the next group waits out `return_wait` instead:
+        // later, never wrong.
+        drop(self.sender.try_send(ToCommitters::NothingReady(partition)));
     }
 }
 
@@ -105,6 +130,9 @@ pub(crate) struct Committers {
     /// A committer starts a group while another committer is busy only when it holds at least
     /// this many commands; a smaller group waits until no other committer is busy.
     pub overlap_commands_min: usize,
+    /// Longest wait, once no other committer is busy, for the partitions the last group
+    /// answered to hand their next batch (or say they have none); zero never waits.
+    pub return_wait: Duration,
 }
 
 impl Committers {
@@ -120,9 +148,14 @@ impl Committers {
     )> {
         let (sender, receiver) = mpsc::channel(WAITING_BATCHES_MAX);
         let receiver = Arc::new(Mutex::new(receiver));
+        let gatherer = Gatherer::new(
+            self.commands_max,
+            self.overlap_commands_min,
+            self.return_wait,
+        );
         let shared = Arc::new(Running {
             committers: self,
-            busy: watch::Sender::new(0),
+            gatherer,
         });
         let mut tasks = Vec::with_capacity(channels.len());
         for channel in channels {
@@ -139,12 +172,30 @@ impl Committers {
     }
 }
 
-/// The committers' settings and what they share: how many are busy with a group.
+/// The committers' settings and what they share.
 struct Running {
     committers: Committers,
+    gatherer: Gatherer,
+}
+
+/// What decides when a group starts, shared by the committers.
+struct Gatherer {
+    /// `Committers::commands_max`.
+    commands_max: usize,
+    /// `Committers::overlap_commands_min`.
+    overlap_commands_min: usize,
+    /// `Committers::return_wait`.
+    return_wait: Duration,
     /// Committers busy with a group right now: from taking it until its partitions are answered
     /// (applied, committed, replies sent). Waiting for the broker's confirms does not count.
     busy: watch::Sender<usize>,
+    /// Partitions a group answered that have not yet handed their next batch or said they have
+    /// none. Why the next group waits a moment for them: a partition collects its next batch
+    /// only after its answer, and a group that started the moment the last one ended would
+    /// miss every partition of that group, so each partition would take part in every other
+    /// group only and its commands would wait a whole group longer (BENCHMARKS.md, profile
+    /// item 23).
+    returning: std::sync::Mutex<HashSet<u16>>,
 }
 
 /// Counts a committer as busy until dropped, however its group ends.
@@ -170,64 +221,109 @@ struct Gathering {
     commands: usize,
 }
 
-impl Gathering {
-    fn take(&mut self, request: GroupRequest) {
-        self.commands += request.envelopes.len();
-        self.requests.push(request);
+impl Gatherer {
+    fn new(commands_max: usize, overlap_commands_min: usize, return_wait: Duration) -> Self {
+        Self {
+            commands_max,
+            overlap_commands_min,
+            return_wait,
+            busy: watch::Sender::new(0),
+            returning: std::sync::Mutex::new(HashSet::new()),
+        }
     }
-}
 
-impl Running {
-    async fn run(
-        self: Arc<Self>,
-        channel: Channel,
-        receiver: Arc<Mutex<mpsc::Receiver<GroupRequest>>>,
-    ) -> anyhow::Result<()> {
-        let mut busy = self.busy.subscribe();
-        loop {
-            // Counted busy before the receiver is released, so the next committer to take it
-            // sees this group.
-            let (requests, busy_guard) = {
-                let mut receiver = receiver.lock().await;
-                let Some(requests) = self.gather(&mut receiver, &mut busy).await else {
-                    return Ok(());
-                };
-                (requests, Busy::new(&self.busy))
-            };
-            self.commit(&channel, requests, busy_guard).await?;
+    /// Records that a group answered these partitions: the next group waits for them.
+    fn answered(&self, partitions: impl Iterator<Item = u16>) {
+        if let Ok(mut returning) = self.returning.lock() {
+            returning.extend(partitions);
+        }
+    }
+
+    /// Takes what a partition sent into the group being gathered.
+    fn take(&self, group: &mut Gathering, message: ToCommitters) {
+        let partition = match &message {
+            ToCommitters::Batch(request) => request.partition,
+            ToCommitters::NothingReady(partition) => *partition,
+        };
+        if let Ok(mut returning) = self.returning.lock() {
+            returning.remove(&partition);
+        }
+        if let ToCommitters::Batch(request) = message {
+            group.commands += request.envelopes.len();
+            group.requests.push(request);
+        }
+    }
+
+    /// True when every partition the last group answered has handed its next batch or said it
+    /// has none.
+    fn all_returned(&self) -> bool {
+        self.returning
+            .lock()
+            .map(|returning| returning.is_empty())
+            .unwrap_or(true)
+    }
+
+    /// Stops waiting for the partitions that have not come back: they join a later group.
+    fn forget_returning(&self) {
+        if let Ok(mut returning) = self.returning.lock() {
+            returning.clear();
         }
     }
 
     /// Takes the next group's batches. None when every partition's handle is gone.
     async fn gather(
         &self,
-        receiver: &mut mpsc::Receiver<GroupRequest>,
+        receiver: &mut mpsc::Receiver<ToCommitters>,
         busy: &mut watch::Receiver<usize>,
     ) -> Option<Vec<GroupRequest>> {
         let mut group = Gathering::default();
-        group.take(receiver.recv().await?);
+        while group.requests.is_empty() {
+            let message = receiver.recv().await?;
+            self.take(&mut group, message);
+        }
+        // Set once no other committer is busy: since when this group waits for the partitions
+        // the last group answered.
+        let mut waiting_since: Option<Instant> = None;
         loop {
             // Only what is ready now: waiting on a timer would add latency to every batch.
-            while group.commands < self.committers.commands_max {
-                let Ok(request) = receiver.try_recv() else {
+            while group.commands < self.commands_max {
+                let Ok(message) = receiver.try_recv() else {
                     break;
                 };
-                group.take(request);
+                self.take(&mut group, message);
             }
             // Two groups at once pay off only when both are large (a backlog): then one applies
             // while the other commits and publishes. Under a steady load the machine is busy
             // anyway, and two small groups cost more than one larger one (measured: 24 commands
             // a group instead of 34, and 7 % less throughput end to end). So a small group waits
             // until no other committer is busy, taking the batches that arrive meanwhile.
-            if group.commands >= self.committers.commands_max
-                || group.commands >= self.committers.overlap_commands_min
-                || *busy.borrow_and_update() == 0
-            {
+            if group.commands >= self.commands_max || group.commands >= self.overlap_commands_min {
                 return Some(group.requests);
             }
+            if *busy.borrow_and_update() == 0 {
+                let since = *waiting_since.get_or_insert_with(Instant::now);
+                let waited = since.elapsed();
+                let returned = self.all_returned();
+                if returned || waited >= self.return_wait {
+                    if !returned {
+                        metrics::counter!("wallet_group_return_timeouts_total").increment(1);
+                        self.forget_returning();
+                    }
+                    metrics::histogram!("wallet_group_return_wait_seconds")
+                        .record(waited.as_secs_f64());
+                    return Some(group.requests);
+                }
+            }
+            let return_deadline = waiting_since.map(|since| since + self.return_wait);
+            let return_wait = async {
+                match return_deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                request = receiver.recv() => match request {
-                    Some(request) => group.take(request),
+                message = receiver.recv() => match message {
+                    Some(message) => self.take(&mut group, message),
                     None => return Some(group.requests),
                 },
                 changed = busy.changed() => {
@@ -235,7 +331,30 @@ impl Running {
                         return Some(group.requests);
                     }
                 }
+                () = return_wait => {}
             }
+        }
+    }
+}
+
+impl Running {
+    async fn run(
+        self: Arc<Self>,
+        channel: Channel,
+        receiver: Arc<Mutex<mpsc::Receiver<ToCommitters>>>,
+    ) -> anyhow::Result<()> {
+        let mut busy = self.gatherer.busy.subscribe();
+        loop {
+            // Counted busy before the receiver is released, so the next committer to take it
+            // sees this group.
+            let (requests, busy_guard) = {
+                let mut receiver = receiver.lock().await;
+                let Some(requests) = self.gatherer.gather(&mut receiver, &mut busy).await else {
+                    return Ok(());
+                };
+                (requests, Busy::new(&self.gatherer.busy))
+            };
+            self.commit(&channel, requests, busy_guard).await?;
         }
     }
 
@@ -318,6 +437,9 @@ impl Running {
         }
         reply_batch.publish(channel).await?;
         let partitions = requests.len();
+        // Before the answers: a partition's next batch comes only after its answer.
+        self.gatherer
+            .answered(requests.iter().map(|request| request.partition));
         for (request, answered) in requests.into_iter().zip(answers) {
             drop(request.answer.send(GroupAnswer::Applied {
                 answered,
@@ -349,5 +471,111 @@ impl Running {
         let result = apply_batch(&mut transaction, batches, &self.committers.context).await?;
         transaction.commit().await?;
         Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PATIENT: Duration = Duration::from_secs(10);
+
+    fn batch(partition: u16) -> ToCommitters {
+        let (answer, _answered) = oneshot::channel();
+        ToCommitters::Batch(GroupRequest {
+            partition,
+            envelopes: Arc::new(Vec::new()),
+            targets: Vec::new(),
+            answer,
+        })
+    }
+
+    fn partitions(requests: &[GroupRequest]) -> Vec<u16> {
+        requests.iter().map(|request| request.partition).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_starts_at_once_when_no_partition_is_coming_back() {
+        let gatherer = Gatherer::new(2_048, 256, PATIENT);
+        let (sender, mut receiver) = mpsc::channel(8);
+        assert!(sender.try_send(batch(3)).is_ok());
+        let started = Instant::now();
+        let requests = gatherer
+            .gather(&mut receiver, &mut gatherer.busy.subscribe())
+            .await
+            .unwrap_or_default();
+        assert_eq!(partitions(&requests), [3]);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_waits_for_the_partitions_the_last_group_answered() {
+        let gatherer = Gatherer::new(2_048, 256, PATIENT);
+        gatherer.answered([1, 2].into_iter());
+        let (sender, mut receiver) = mpsc::channel(8);
+        assert!(sender.try_send(batch(3)).is_ok());
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(sender.try_send(batch(1)).is_ok());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Partition 2 has nothing more: the group starts without it.
+            assert!(sender.try_send(ToCommitters::NothingReady(2)).is_ok());
+            sender
+        });
+        let started = Instant::now();
+        let requests = gatherer
+            .gather(&mut receiver, &mut gatherer.busy.subscribe())
+            .await
+            .unwrap_or_default();
+        assert_eq!(partitions(&requests), [3, 1]);
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+        assert!(gatherer.all_returned());
+        drop(late.await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_stops_waiting_for_a_partition_after_the_return_wait() {
+        let gatherer = Gatherer::new(2_048, 256, Duration::from_millis(2));
+        gatherer.answered([1].into_iter());
+        let (sender, mut receiver) = mpsc::channel(8);
+        assert!(sender.try_send(batch(3)).is_ok());
+        let started = Instant::now();
+        let requests = gatherer
+            .gather(&mut receiver, &mut gatherer.busy.subscribe())
+            .await
+            .unwrap_or_default();
+        assert_eq!(partitions(&requests), [3]);
+        assert_eq!(started.elapsed(), Duration::from_millis(2));
+        // Forgotten: the next group does not wait for it again.
+        assert!(gatherer.all_returned());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_waits_for_a_busy_committer_before_it_waits_for_partitions() {
+        let gatherer = Arc::new(Gatherer::new(2_048, 256, PATIENT));
+        let (sender, mut receiver) = mpsc::channel(8);
+        assert!(sender.try_send(batch(3)).is_ok());
+        let busy = Busy::new(&gatherer.busy);
+        let mut subscribed = gatherer.busy.subscribe();
+        let gathering = {
+            let gatherer = Arc::clone(&gatherer);
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let requests = gatherer
+                    .gather(&mut receiver, &mut subscribed)
+                    .await
+                    .unwrap_or_default();
+                (partitions(&requests), started.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The busy committer's group answers partition 1, then stops counting as busy.
+        gatherer.answered([1].into_iter());
+        drop(busy);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(sender.try_send(batch(1)).is_ok());
+        let (gathered, waited) = gathering.await.unwrap_or_default();
+        assert_eq!(gathered, [3, 1]);
+        assert_eq!(waited, Duration::from_millis(80));
     }
 }

@@ -57,6 +57,14 @@ pub struct WorkerConfig {
     #[arg(long, env = "GROUP_OVERLAP_COMMANDS_MIN", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=16_384))]
     pub group_overlap_commands_min: u16,
 
+    /// Once no other group is being applied, how long a group waits at most for the partitions
+    /// the last group answered to hand their next batch (or say they have none). Without it a
+    /// partition takes part in every other group only: the next group starts the moment the
+    /// last one ends, while its partitions are still acknowledging (BENCHMARKS.md, profile item
+    /// 23). 0 never waits.
+    #[arg(long, env = "GROUP_RETURN_WAIT_US", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub group_return_wait_us: u64,
+
     /// How often unpublished follow-ups are looked for and republished.
     #[arg(long, env = "OUTBOX_SWEEP_INTERVAL_MS", default_value_t = 2_000)]
     pub outbox_sweep_interval_ms: u64,
@@ -209,6 +217,7 @@ async fn run_connected(
             context: std::sync::Arc::clone(&context),
             commands_max: usize::try_from(config.group_commands_max).unwrap_or(usize::MAX),
             overlap_commands_min: usize::from(config.group_overlap_commands_min),
+            return_wait: Duration::from_micros(config.group_return_wait_us),
         }
         .spawn(channels)
         .await
