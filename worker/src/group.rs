@@ -362,7 +362,7 @@ impl Running {
     /// what the group owes. The committer stops counting as busy once the partitions are
     /// answered: the confirm is a wait on the broker's disk, not work, and the next group may
     /// start its transaction meanwhile. Order is not at stake here: a partition sends its next
-    /// batch only after `published` resolved and it acknowledged this one.
+    /// batch only after `published` resolved and it queued the acknowledgement of this one.
     async fn commit(
         &self,
         channel: &Channel,
@@ -494,18 +494,27 @@ mod tests {
         requests.iter().map(|request| request.partition).collect()
     }
 
+    /// Gathers one group with no other committer busy: its partitions, and how long it took.
+    async fn gather_timed(
+        gatherer: &Gatherer,
+        receiver: &mut mpsc::Receiver<ToCommitters>,
+    ) -> (Vec<u16>, Duration) {
+        let started = Instant::now();
+        let requests = gatherer
+            .gather(receiver, &mut gatherer.busy.subscribe())
+            .await
+            .unwrap_or_default();
+        (partitions(&requests), started.elapsed())
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_group_starts_at_once_when_no_partition_is_coming_back() {
         let gatherer = Gatherer::new(2_048, 256, PATIENT);
         let (sender, mut receiver) = mpsc::channel(8);
         assert!(sender.try_send(batch(3)).is_ok());
-        let started = Instant::now();
-        let requests = gatherer
-            .gather(&mut receiver, &mut gatherer.busy.subscribe())
-            .await
-            .unwrap_or_default();
-        assert_eq!(partitions(&requests), [3]);
-        assert_eq!(started.elapsed(), Duration::ZERO);
+        let (gathered, took) = gather_timed(&gatherer, &mut receiver).await;
+        assert_eq!(gathered, [3]);
+        assert_eq!(took, Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
@@ -522,13 +531,9 @@ mod tests {
             assert!(sender.try_send(ToCommitters::NothingReady(2)).is_ok());
             sender
         });
-        let started = Instant::now();
-        let requests = gatherer
-            .gather(&mut receiver, &mut gatherer.busy.subscribe())
-            .await
-            .unwrap_or_default();
-        assert_eq!(partitions(&requests), [3, 1]);
-        assert_eq!(started.elapsed(), Duration::from_millis(200));
+        let (gathered, took) = gather_timed(&gatherer, &mut receiver).await;
+        assert_eq!(gathered, [3, 1]);
+        assert_eq!(took, Duration::from_millis(200));
         assert!(gatherer.all_returned());
         drop(late.await);
     }
@@ -539,13 +544,9 @@ mod tests {
         gatherer.answered([1].into_iter());
         let (sender, mut receiver) = mpsc::channel(8);
         assert!(sender.try_send(batch(3)).is_ok());
-        let started = Instant::now();
-        let requests = gatherer
-            .gather(&mut receiver, &mut gatherer.busy.subscribe())
-            .await
-            .unwrap_or_default();
-        assert_eq!(partitions(&requests), [3]);
-        assert_eq!(started.elapsed(), Duration::from_millis(2));
+        let (gathered, took) = gather_timed(&gatherer, &mut receiver).await;
+        assert_eq!(gathered, [3]);
+        assert_eq!(took, Duration::from_millis(2));
         // Forgotten: the next group does not wait for it again.
         assert!(gatherer.all_returned());
     }
