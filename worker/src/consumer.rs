@@ -180,7 +180,13 @@ impl PartitionConsumer {
                     .apply(self.partition, std::sync::Arc::clone(&envelopes), targets)
                     .await
             }
-            _ => GroupAnswer::ApplyAlone,
+            Some(group) => {
+                // Only unreadable commands: nothing for the committers, so a group waiting for
+                // this partition need not wait any longer.
+                group.nothing_ready(self.partition);
+                GroupAnswer::ApplyAlone
+            }
+            None => GroupAnswer::ApplyAlone,
         };
         let outcomes = match grouped {
             GroupAnswer::Applied {
