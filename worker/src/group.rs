@@ -285,7 +285,9 @@ impl Gatherer {
         // the last group answered.
         let mut waiting_since: Option<Instant> = None;
         loop {
-            // Only what is ready now: waiting on a timer would add latency to every batch.
+            // Only what is ready now: waiting on a timer would add latency to every batch. The
+            // one wait below is for the partitions the last group answered, and they say when
+            // they have nothing.
             while group.commands < self.commands_max {
                 let Ok(message) = receiver.try_recv() else {
                     break;
