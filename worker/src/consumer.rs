@@ -305,7 +305,7 @@ impl PartitionConsumer {
             let confirmation = confirm.await.context("waiting for a publisher confirm")?;
             anyhow::ensure!(confirmation.is_ack(), "the broker refused a publish");
         }
-        let grouped = group_published.is_some();
+        let applied_by_group = group_published.is_some();
         if let Some(published) = group_published {
             // The group's committer publishes what the group owes; wait for its confirms too.
             anyhow::ensure!(
@@ -355,7 +355,7 @@ impl PartitionConsumer {
             replayed,
             "batch settled"
         );
-        Ok(if grouped {
+        Ok(if applied_by_group {
             Settled::Grouped
         } else {
             Settled::Alone
