@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::cpu::{CpuSnapshot, CpuUse};
 use crate::http1::Http1Client;
 use crate::report::{Outcome, Recorder, Report, RunMeta, process_cpu_seconds};
 use crate::scenario::{Mode, PlannedRequest, Prepared, ScenarioArgs, Target, new_run_id};
@@ -102,6 +103,14 @@ pub async fn measure(
     let window_start = start + warmup;
     let window_end = window_start + duration;
     let progress = progress_bar(args, &target.label, warmup + duration);
+    // The machine's CPU by process group over the measured window only (not the warm-up, not
+    // the requests still being answered after it).
+    let cpu_window = tokio::spawn(async move {
+        tokio::time::sleep_until(window_start.into()).await;
+        let before = CpuSnapshot::take();
+        tokio::time::sleep_until(window_end.into()).await;
+        before.zip(CpuSnapshot::take())
+    });
     let ticker = tokio::spawn(tick_progress(
         progress.clone(),
         Arc::clone(&recorder),
@@ -172,6 +181,9 @@ pub async fn measure(
     };
     let mut report = recorder.finish(meta, window_start, window_end);
     report.driver_cpu_cores = driver_cpu_cores;
+    if let Ok(Some((before, after))) = cpu_window.await {
+        report.cpu = Some(CpuUse::between(&before, &after, report.commands_per_s));
+    }
     Ok(report)
 }
 

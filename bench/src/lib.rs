@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod baseline;
 pub mod compare;
+pub mod cpu;
 pub mod driver;
 pub mod http1;
 pub mod procs;

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::cpu::CpuUse;
+
 /// Largest latency the histograms hold (1 hour, in microseconds); longer ones are clamped.
 pub const LATENCY_MAX_US: u64 = 3_600_000_000;
 /// Precision of the histograms: three significant digits (0.1 % error).
@@ -215,6 +217,7 @@ impl Recorder {
             .collect();
         Report {
             driver_cpu_cores: None,
+            cpu: None,
             latency_max_by_second_ms,
             commands_per_s: round2(per_second(counts.results)),
             ok_per_s: round2(per_second(counts.ok)),
@@ -316,6 +319,10 @@ pub struct Report {
     /// CPU the load driver itself used while the load ran, in cores (1.0: one core busy), since
     /// it shares the machine with what it measures. None where /proc is not available.
     pub driver_cpu_cores: Option<f64>,
+    /// The whole machine's CPU during the measured window, by process group, in cores and per
+    /// command (`crate::cpu`). None where /proc is not available.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuUse>,
     /// From the start of the window to the last answer of a request sent in it.
     pub elapsed_s: f64,
     /// Results (applied or decided commands) per second.
@@ -377,6 +384,17 @@ pub fn render_table(columns: &[&Report]) -> String {
     row("load driver CPU (cores)", &|r| {
         r.driver_cpu_cores
             .map_or_else(|| "n/a".to_string(), |cores| format!("{cores:.2}"))
+    });
+    row("machine CPU (cores)", &|r| {
+        r.cpu.as_ref().map_or_else(
+            || "n/a".to_string(),
+            |cpu| format!("{:.2}", cpu.machine_cores),
+        )
+    });
+    row("CPU us/command (by process)", &|r| {
+        r.cpu
+            .as_ref()
+            .map_or_else(|| "n/a".to_string(), CpuUse::describe_micros)
     });
     row("latency p50 ms", &|r| format!("{:.2}", r.latency_ms.p50));
     row("latency p95 ms", &|r| format!("{:.2}", r.latency_ms.p95));

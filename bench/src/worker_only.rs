@@ -24,6 +24,7 @@ use shared::wire::{AddressedCommand, COMMAND_VERSION, Command, CommandEnvelope};
 use uuid::Uuid;
 
 use crate::compare::{TreasuryLag, treasury_lag};
+use crate::cpu::{CpuSnapshot, CpuUse};
 use crate::procs::{Children, bin_dir};
 use crate::report::{Machine, json_path, machine, write_json};
 use crate::scenario::new_run_id;
@@ -128,6 +129,10 @@ pub struct WorkerOnlyResult {
     pub outcomes: Vec<(String, i64)>,
     pub treasury_lag: Option<TreasuryLag>,
     pub audit_passed: bool,
+    /// The machine's CPU from starting the workers until every command had its row, by
+    /// process group (`crate::cpu`). None where /proc is not available.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuUse>,
     pub log_dir: String,
 }
 
@@ -206,6 +211,7 @@ async fn run_inner(
     ];
     println!("starting {} worker(s)", args.workers);
     let apply_started = Instant::now();
+    let cpu_before = CpuSnapshot::take();
     if !args.no_treasury {
         children.spawn("treasury", &bins.join("treasury"), &[], &environment)?;
     }
@@ -243,6 +249,7 @@ async fn run_inner(
         );
         tokio::time::sleep(Duration::from_millis(APPLY_POLL_MS)).await;
     };
+    let cpu_after = CpuSnapshot::take();
     bar.finish_and_clear();
     let applied_span_s: f64 = sqlx::query_scalar(
         "SELECT coalesce(extract(epoch FROM max(created_at) - min(created_at)), 0)::float8 FROM commands",
@@ -268,6 +275,11 @@ async fn run_inner(
             0.0
         }
     };
+    // Spread over the same window as `applied_per_s_wall`: from starting the workers to the
+    // last command's row, so the workers' start-up and this process's polling are in it.
+    let cpu = cpu_before
+        .zip(cpu_after)
+        .map(|(before, after)| CpuUse::between(&before, &after, per_second(applied_wall_s)));
     let result = WorkerOnlyResult {
         kind: "worker-only",
         run_id: run_id.to_string(),
@@ -288,6 +300,7 @@ async fn run_inner(
         outcomes,
         treasury_lag,
         audit_passed,
+        cpu,
         log_dir: children.log_dir().display().to_string(),
     };
     print_result(&result);
@@ -470,6 +483,13 @@ fn print_result(result: &WorkerOnlyResult) {
         "          {:.0} commands/s from starting the workers ({:.2} s, includes their start)",
         result.applied_per_s_wall, result.applied_wall_s
     );
+    if let Some(cpu) = &result.cpu {
+        println!(
+            " CPU: {:.2} cores of the machine; us per command {} (from starting the workers)",
+            cpu.machine_cores,
+            cpu.describe_micros()
+        );
+    }
     let outcomes: Vec<String> = result
         .outcomes
         .iter()
