@@ -340,6 +340,7 @@ async fn audit_is_for_admins_and_passes() {
             "hot_balances_match_postings",
             "assets_sum_to_zero",
             "postings_reference_their_accounts",
+            "postings_reference_their_journals",
             "no_negative_player_balance"
         ]
     );

@@ -145,6 +145,21 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
         figures: serde_json::json!({ "orphan_postings": orphan_postings, "orphan_credits": orphan_credits }),
     });
 
+    // Nor from postings to journal entries (migration 0007).
+    let orphan_legs: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM postings p
+         WHERE NOT EXISTS (SELECT 1 FROM journal_entries j WHERE j.id = p.journal_id)",
+    )
+    .fetch_one(&mut *transaction)
+    .await?;
+    checks.push(AuditCheck {
+        name: "postings_reference_their_journals",
+        description: "every posting belongs to an existing journal entry",
+        passed: orphan_legs == 0,
+        violations: orphan_legs,
+        figures: serde_json::json!({ "orphan_postings": orphan_legs }),
+    });
+
     let (negative, players): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE balance < 0), count(*) FROM accounts WHERE owner_kind = 'player'",
     )

@@ -1,5 +1,6 @@
 //! The audit finds postings and unfolded credits whose account is missing or of another asset,
-//! which foreign keys no longer refuse (migration 0006 dropped them for throughput).
+//! and postings whose journal entry is missing, which foreign keys no longer refuse (migrations
+//! 0006 and 0007 dropped them for throughput).
 
 use shared::domain::{GEMS, TREASURY_OWNER_ID};
 
@@ -50,6 +51,49 @@ async fn the_audit_finds_postings_without_their_account() {
         .find(|check| check.name == "postings_reference_their_accounts")
         .expect("the check runs");
     assert!(!check.passed);
+    assert_eq!(check.violations, 2, "{:?}", check.figures);
+    pool.close().await;
+    shared::testing::drop_database(&config.database_url).await;
+}
+
+#[tokio::test]
+async fn the_audit_finds_postings_without_their_journal_entry() {
+    let config = shared::testing::isolated_config(1);
+    let pool = shared::db::bootstrap(&config).await.expect("database");
+    let treasury: i64 =
+        sqlx::query_scalar("SELECT id FROM accounts WHERE owner_id = $1 AND asset = $2")
+            .bind(TREASURY_OWNER_ID)
+            .bind(GEMS)
+            .fetch_one(&pool)
+            .await
+            .expect("treasury account");
+    // Two balanced legs on an existing account of their asset, naming a journal entry that was
+    // never written: only the journal check can see them.
+    sqlx::query(
+        "INSERT INTO postings (journal_id, account_id, asset, amount)
+         VALUES ($1, $2, $3, -5), ($1, $2, $3, 5)",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .bind(treasury)
+    .bind(GEMS)
+    .execute(&pool)
+    .await
+    .expect("postings without a journal entry are not refused");
+
+    let report = shared::audit::run(&pool).await.expect("audit ran");
+    assert!(!report.passed);
+    let failed: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|check| !check.passed)
+        .map(|check| check.name)
+        .collect();
+    assert_eq!(failed, ["postings_reference_their_journals"]);
+    let check = report
+        .checks
+        .iter()
+        .find(|check| check.name == "postings_reference_their_journals")
+        .expect("the check runs");
     assert_eq!(check.violations, 2, "{:?}", check.figures);
     pool.close().await;
     shared::testing::drop_database(&config.database_url).await;

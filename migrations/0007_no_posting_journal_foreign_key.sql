@@ -1,0 +1,16 @@
+-- The foreign key from postings to journal entries, dropped for throughput.
+--
+-- Migration 0006 kept it because the journal row is the transaction's own, so its check never
+-- contends. It still costs: PostgreSQL checks a foreign key with a trigger per inserted row, and
+-- each check is an SPI lookup in the primary key of journal_entries plus a KEY SHARE lock on the
+-- row. A purchase writes several postings, so the checks were a quarter of PostgreSQL's CPU in
+-- the worker alone (BENCHMARKS.md, profile item 27: 155-172 us of PostgreSQL CPU per command
+-- with the key, 113-119 us without it).
+--
+-- What it guarded stays guaranteed:
+-- * journal entries are never deleted, and nothing updates a journal entry's id;
+-- * every writer inserts a journal entry and its postings in the same transaction, the worker in
+--   the same statement, from the same list of decided commands;
+-- * the audit's `postings_reference_their_journals` check finds any posting whose journal entry
+--   does not exist.
+ALTER TABLE postings DROP CONSTRAINT IF EXISTS postings_journal_id_fkey;
