@@ -208,6 +208,15 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<CompareResult> {
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     children.stop_all().await;
+    if args.system_url.is_none() {
+        // The spawned system's queues go now rather than expiring minutes later: a quorum
+        // queue's deletion costs the broker CPU, and expiring ones fell into the next run.
+        let mut topology = shared::config::CommonConfig::with_defaults();
+        topology.amqp_url = args.amqp_url.clone();
+        topology.partitions = args.partitions;
+        topology.queue_prefix = format!("bench.{run_id}.");
+        shared::testing::delete_queues(&topology).await;
+    }
     for pool in cleanup.pools {
         pool.close().await;
     }

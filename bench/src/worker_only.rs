@@ -161,6 +161,8 @@ pub async fn run(args: WorkerOnlyArgs) -> anyhow::Result<WorkerOnlyResult> {
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     children.stop_all().await;
+    // Its queues go now rather than expiring minutes later, in the middle of the next run.
+    shared::testing::delete_queues(&common).await;
     if args.keep_database {
         println!("kept database {}", common.database_url);
     } else {
