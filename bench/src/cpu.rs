@@ -166,7 +166,8 @@ fn process_stat(pid: u32) -> Option<(String, f64)> {
     parse_process_stat(&stat)
 }
 
-fn parse_process_stat(stat: &str) -> Option<(String, f64)> {
+/// The command name and CPU seconds of one line of `/proc/<pid>/stat`.
+pub(crate) fn parse_process_stat(stat: &str) -> Option<(String, f64)> {
     // The command name is in parentheses and may itself hold spaces and parentheses.
     let (head, rest) = stat.rsplit_once(')')?;
     let command = head.split_once('(')?.1.to_string();

@@ -437,18 +437,10 @@ pub fn render_table(columns: &[&Report]) -> String {
     out
 }
 
-/// Clock ticks per second of /proc/<pid>/stat (USER_HZ, 100 on every Linux this runs on).
-const LINUX_USER_HZ: f64 = 100.0;
-
 /// CPU time (user + system) this process has used so far, from /proc/self/stat.
 pub fn process_cpu_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let user: f64 = fields.get(11)?.parse().ok()?;
-    let system: f64 = fields.get(12)?.parse().ok()?;
-    Some((user + system) / LINUX_USER_HZ)
+    crate::cpu::parse_process_stat(&stat).map(|(_, seconds)| seconds)
 }
 
 /// The machine the figures were taken on.

@@ -11,13 +11,7 @@ async fn the_audit_finds_postings_without_their_account() {
     let report = shared::audit::run(&pool).await.expect("audit ran");
     assert!(report.passed, "a fresh database passes");
 
-    let treasury: i64 =
-        sqlx::query_scalar("SELECT id FROM accounts WHERE owner_id = $1 AND asset = $2")
-            .bind(TREASURY_OWNER_ID)
-            .bind(GEMS)
-            .fetch_one(&pool)
-            .await
-            .expect("treasury account");
+    let treasury = treasury_gems_account(&pool).await;
     let journal = uuid::Uuid::new_v4();
     // A balanced journal entry whose second leg names an account that does not exist.
     sqlx::query("INSERT INTO journal_entries (id, kind) VALUES ($1, 'top_up')")
@@ -25,17 +19,7 @@ async fn the_audit_finds_postings_without_their_account() {
         .execute(&pool)
         .await
         .expect("journal");
-    sqlx::query(
-        "INSERT INTO postings (journal_id, account_id, asset, amount)
-         VALUES ($1, $2, $3, -5), ($1, $4, $3, 5)",
-    )
-    .bind(journal)
-    .bind(treasury)
-    .bind(GEMS)
-    .bind(i64::MAX)
-    .execute(&pool)
-    .await
-    .expect("postings");
+    post_balanced_legs(&pool, journal, treasury, i64::MAX).await;
     // And an unfolded credit owed to an account that does not exist.
     sqlx::query("INSERT INTO hot_credits (account_id, amount) VALUES ($1, 1)")
         .bind(i64::MAX - 1)
@@ -60,25 +44,10 @@ async fn the_audit_finds_postings_without_their_account() {
 async fn the_audit_finds_postings_without_their_journal_entry() {
     let config = shared::testing::isolated_config(1);
     let pool = shared::db::bootstrap(&config).await.expect("database");
-    let treasury: i64 =
-        sqlx::query_scalar("SELECT id FROM accounts WHERE owner_id = $1 AND asset = $2")
-            .bind(TREASURY_OWNER_ID)
-            .bind(GEMS)
-            .fetch_one(&pool)
-            .await
-            .expect("treasury account");
-    // Two balanced legs on an existing account of their asset, naming a journal entry that was
-    // never written: only the journal check can see them.
-    sqlx::query(
-        "INSERT INTO postings (journal_id, account_id, asset, amount)
-         VALUES ($1, $2, $3, -5), ($1, $2, $3, 5)",
-    )
-    .bind(uuid::Uuid::new_v4())
-    .bind(treasury)
-    .bind(GEMS)
-    .execute(&pool)
-    .await
-    .expect("postings without a journal entry are not refused");
+    let treasury = treasury_gems_account(&pool).await;
+    // Two balanced legs on an existing account of their asset (refused by no foreign key now),
+    // naming a journal entry that was never written: only the journal check can see them.
+    post_balanced_legs(&pool, uuid::Uuid::new_v4(), treasury, treasury).await;
 
     let report = shared::audit::run(&pool).await.expect("audit ran");
     assert!(!report.passed);
@@ -97,4 +66,28 @@ async fn the_audit_finds_postings_without_their_journal_entry() {
     assert_eq!(check.violations, 2, "{:?}", check.figures);
     pool.close().await;
     shared::testing::drop_database(&config.database_url).await;
+}
+
+async fn treasury_gems_account(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT id FROM accounts WHERE owner_id = $1 AND asset = $2")
+        .bind(TREASURY_OWNER_ID)
+        .bind(GEMS)
+        .fetch_one(pool)
+        .await
+        .expect("treasury account")
+}
+
+/// Posts -5 GEMS to `debited` and +5 GEMS to `credited` under `journal`.
+async fn post_balanced_legs(pool: &sqlx::PgPool, journal: uuid::Uuid, debited: i64, credited: i64) {
+    sqlx::query(
+        "INSERT INTO postings (journal_id, account_id, asset, amount)
+         VALUES ($1, $2, $4, -5), ($1, $3, $4, 5)",
+    )
+    .bind(journal)
+    .bind(debited)
+    .bind(credited)
+    .bind(GEMS)
+    .execute(pool)
+    .await
+    .expect("postings");
 }
