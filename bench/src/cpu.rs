@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::report::round3;
+
 /// Clock ticks per second of `/proc/<pid>/stat` and `/proc/stat` (USER_HZ, 100 on every Linux
 /// this runs on).
 const LINUX_USER_HZ: f64 = 100.0;
@@ -196,10 +198,6 @@ fn parse_machine_busy(line: &str) -> Option<f64> {
         .filter_map(|index| ticks.get(*index))
         .sum::<f64>();
     Some(busy / LINUX_USER_HZ)
-}
-
-fn round3(value: f64) -> f64 {
-    (value * 1_000.0).round() / 1_000.0
 }
 
 #[cfg(test)]
