@@ -14,7 +14,9 @@ use sqlx::PgPool;
 use crate::driver::{Load, measure};
 use crate::procs::{Children, bin_dir, free_port};
 use crate::report::{Machine, Report, json_path, machine, render_table, write_json};
-use crate::scenario::{Mode, ScenarioArgs, Target, http_client, new_run_id, prepare};
+use crate::scenario::{
+    Mode, ScenarioArgs, Target, http_client, new_run_id, prepare, run_queue_prefix,
+};
 
 /// Pause between two looks at `hot_credits` while waiting for the treasury to catch up.
 const LAG_POLL_MS: u64 = 5;
@@ -214,7 +216,7 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<CompareResult> {
         let mut topology = shared::config::CommonConfig::with_defaults();
         topology.amqp_url = args.amqp_url.clone();
         topology.partitions = args.partitions;
-        topology.queue_prefix = format!("bench.{run_id}.");
+        topology.queue_prefix = run_queue_prefix(&run_id);
         shared::testing::delete_queues(&topology).await;
     }
     for pool in cleanup.pools {
@@ -245,7 +247,7 @@ async fn spawn_system(
         ("DATABASE_URL", database_url.clone()),
         ("AMQP_URL", args.amqp_url.clone()),
         ("PARTITIONS", args.partitions.to_string()),
-        ("QUEUE_PREFIX", format!("bench.{run_id}.")),
+        ("QUEUE_PREFIX", run_queue_prefix(run_id)),
         ("QUEUE_EXPIRES_MS", SPAWNED_QUEUE_EXPIRES_MS.to_string()),
     ];
     let mut envs = common.clone();

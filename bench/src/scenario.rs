@@ -244,6 +244,12 @@ pub fn new_run_id() -> String {
         .collect()
 }
 
+/// The queue prefix of the processes a run spawns, so that its clean-up deletes exactly the
+/// queues they declared.
+pub fn run_queue_prefix(run_id: &str) -> String {
+    format!("bench.{run_id}.")
+}
+
 /// The HTTP client of the load: keep-alive connections, no proxy, Nagle off.
 pub fn http_client(request_timeout: Duration) -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()

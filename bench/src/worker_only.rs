@@ -27,7 +27,7 @@ use crate::compare::{TreasuryLag, treasury_lag};
 use crate::cpu::{CpuSnapshot, CpuUse};
 use crate::procs::{Children, bin_dir};
 use crate::report::{Machine, json_path, machine, write_json};
-use crate::scenario::new_run_id;
+use crate::scenario::{new_run_id, run_queue_prefix};
 use crate::seed::seed_players;
 
 /// Publishes awaiting the broker's confirm at once.
@@ -147,7 +147,7 @@ pub async fn run(args: WorkerOnlyArgs) -> anyhow::Result<WorkerOnlyResult> {
     common.database_url = format!("{}/wallet_bench_{run_id}_workers", args.postgres_url);
     common.amqp_url = args.amqp_url.clone();
     common.partitions = args.partitions;
-    common.queue_prefix = format!("bench.{run_id}.");
+    common.queue_prefix = run_queue_prefix(&run_id);
     common.queue_expires_ms = Some(QUEUE_EXPIRES_MS);
     common.database_connections_max = 2;
     let mut children = Children::new(
