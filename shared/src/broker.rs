@@ -319,6 +319,25 @@ pub async fn close_connection(connection: Connection, reason: &str) {
     }
 }
 
+/// Closes a channel, giving up on the broker's answer after `CLOSE_TIMEOUT_MS`. A process
+/// closes its channels before their connection: lapin closes a channel whose last handle is
+/// dropped in the background, and when the connection's close overtakes that, lapin logs a
+/// connection error ("invalid channel state: Closing") at every clean shutdown.
+pub async fn close_channel(channel: &Channel, reason: &str) {
+    let closing = channel.close(200, reason.into());
+    // An error means the channel was closed already (the broker or the connection went away):
+    // nothing is left to do for it.
+    if tokio::time::timeout(Duration::from_millis(CLOSE_TIMEOUT_MS), closing)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            reason,
+            "the broker did not confirm closing a channel in time"
+        );
+    }
+}
+
 /// Connects to the broker with a connection name that shows up in the management UI.
 pub async fn connect(amqp_url: &str, connection_name: &str) -> Result<Connection, SharedError> {
     let properties = ConnectionProperties::default()

@@ -80,6 +80,7 @@ pub async fn delete_queues(config: &CommonConfig) {
                 )
                 .await,
         );
+        crate::broker::close_channel(&channel, "queues deleted").await;
     }
     crate::broker::close_connection(connection, "test finished").await;
 }

@@ -181,6 +181,8 @@ async fn run_connected(
         .create_channel()
         .await
         .context("opening a channel")?;
+    // The channels of the long-running tasks, closed before the connection at the end.
+    let mut task_channels = vec![sweep_channel.clone()];
     let sweep = tokio::spawn(consumer::sweep_outbox(
         pool.clone(),
         sweep_channel,
@@ -195,6 +197,7 @@ async fn run_connected(
         .create_channel()
         .await
         .context("opening a channel")?;
+    task_channels.push(nudge_channel.clone());
     let (nudges, nudger) = nudges::Nudges::spawn(
         nudge_channel,
         topology.clone(),
@@ -214,6 +217,7 @@ async fn run_connected(
                     .context("opening a channel")?,
             );
         }
+        task_channels.extend(channels.iter().cloned());
         let (group, committers) = group::Committers {
             pool: pool.clone(),
             nudges: nudges.clone(),
@@ -309,6 +313,9 @@ async fn run_connected(
     drop(sweep.await);
     drop(nudges);
     drop(nudger.await);
+    for channel in &task_channels {
+        shared::broker::close_channel(channel, "worker stopping").await;
+    }
     shared::broker::close_connection(connection, "worker stopping").await;
     match outcome {
         Err(error) if !shutdown.is_cancelled() => Err(error),
