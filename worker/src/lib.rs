@@ -313,9 +313,13 @@ async fn run_connected(
     drop(sweep.await);
     drop(nudges);
     drop(nudger.await);
-    for channel in &task_channels {
-        shared::broker::close_channel(channel, "worker stopping").await;
-    }
+    // Together, so that a broker that stopped answering costs one close timeout, not one each.
+    futures_util::future::join_all(
+        task_channels
+            .iter()
+            .map(|channel| shared::broker::close_channel(channel, "worker stopping")),
+    )
+    .await;
     shared::broker::close_connection(connection, "worker stopping").await;
     match outcome {
         Err(error) if !shutdown.is_cancelled() => Err(error),
