@@ -307,16 +307,7 @@ pub const CLOSE_TIMEOUT_MS: u64 = 2_000;
 
 /// Closes a connection, giving up on the broker's answer after `CLOSE_TIMEOUT_MS`.
 pub async fn close_connection(connection: Connection, reason: &str) {
-    let closing = connection.close(200, reason.into());
-    if tokio::time::timeout(Duration::from_millis(CLOSE_TIMEOUT_MS), closing)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            reason,
-            "the broker did not confirm closing the connection in time"
-        );
-    }
+    bounded_close(connection.close(200, reason.into()), "connection", reason).await;
 }
 
 /// Closes a channel, giving up on the broker's answer after `CLOSE_TIMEOUT_MS`. A process
@@ -324,17 +315,22 @@ pub async fn close_connection(connection: Connection, reason: &str) {
 /// dropped in the background, and when the connection's close overtakes that, lapin logs a
 /// connection error ("invalid channel state: Closing") at every clean shutdown.
 pub async fn close_channel(channel: &Channel, reason: &str) {
-    let closing = channel.close(200, reason.into());
-    // An error means the channel was closed already (the broker or the connection went away):
-    // nothing is left to do for it.
+    bounded_close(channel.close(200, reason.into()), "channel", reason).await;
+}
+
+/// Waits for a close handshake (`closing`, of a `what`) for at most `CLOSE_TIMEOUT_MS`. Its
+/// error needs no handling: it means the connection or channel was closed already (the broker
+/// or the connection went away), and nothing is left to do for it.
+async fn bounded_close(
+    closing: impl Future<Output = lapin::Result<()>>,
+    what: &'static str,
+    reason: &str,
+) {
     if tokio::time::timeout(Duration::from_millis(CLOSE_TIMEOUT_MS), closing)
         .await
         .is_err()
     {
-        tracing::warn!(
-            reason,
-            "the broker did not confirm closing a channel in time"
-        );
+        tracing::warn!(what, reason, "the broker did not confirm closing in time");
     }
 }
 
