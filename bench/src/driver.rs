@@ -111,6 +111,8 @@ pub async fn measure(
         tokio::time::sleep_until(window_end.into()).await;
         before.zip(CpuSnapshot::take())
     });
+    let disk_probe = (!args.no_disk_probe)
+        .then(|| crate::disk::spawn(args.disk_probe_dir.clone(), window_start, window_end));
     let ticker = tokio::spawn(tick_progress(
         progress.clone(),
         Arc::clone(&recorder),
@@ -183,6 +185,9 @@ pub async fn measure(
     report.driver_cpu_cores = driver_cpu_cores;
     if let Ok(Some((before, after))) = cpu_window.await {
         report.cpu = Some(CpuUse::between(&before, &after, report.commands_per_s));
+    }
+    if let Some(disk_probe) = disk_probe {
+        report.disk = disk_probe.await.ok().flatten();
     }
     Ok(report)
 }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod baseline;
 pub mod compare;
 pub mod cpu;
+pub mod disk;
 pub mod driver;
 pub mod http1;
 pub mod procs;

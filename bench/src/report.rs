@@ -12,6 +12,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::cpu::CpuUse;
+use crate::disk::DiskProbe;
 
 /// Largest latency the histograms hold (1 hour, in microseconds); longer ones are clamped.
 pub const LATENCY_MAX_US: u64 = 3_600_000_000;
@@ -218,6 +219,7 @@ impl Recorder {
         Report {
             driver_cpu_cores: None,
             cpu: None,
+            disk: None,
             latency_max_by_second_ms,
             commands_per_s: round2(per_second(counts.results)),
             ok_per_s: round2(per_second(counts.ok)),
@@ -323,6 +325,10 @@ pub struct Report {
     /// command (`crate::cpu`). None where /proc is not available.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuUse>,
+    /// The disk's flush latency over the measured window (`crate::disk`). None when the probe
+    /// was turned off or could not write its file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskProbe>,
     /// From the start of the window to the last answer of a request sent in it.
     pub elapsed_s: f64,
     /// Results (applied or decided commands) per second.
@@ -395,6 +401,11 @@ pub fn render_table(columns: &[&Report]) -> String {
         r.cpu
             .as_ref()
             .map_or_else(|| "n/a".to_string(), CpuUse::describe_micros)
+    });
+    row("disk flush max ms (probe)", &|r| {
+        r.disk
+            .as_ref()
+            .map_or_else(|| "n/a".to_string(), DiskProbe::describe)
     });
     row("latency p50 ms", &|r| format!("{:.2}", r.latency_ms.p50));
     row("latency p95 ms", &|r| format!("{:.2}", r.latency_ms.p95));

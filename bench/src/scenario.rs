@@ -7,6 +7,7 @@
 //! - `signup-referral`: a signup storm where most new players give one of a few referral codes,
 //!   so every such signup pays two bonuses from the treasury and one to a hot referrer.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -144,6 +145,15 @@ pub struct ScenarioArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+
+    /// Directory of the disk probe's file (`bench::disk`): put it on the disk PostgreSQL and
+    /// RabbitMQ write to. Created when missing; the file is removed after the window.
+    #[arg(long, default_value = "bench-results")]
+    pub disk_probe_dir: PathBuf,
+
+    /// Do not probe the disk's flush latency during the measured window.
+    #[arg(long)]
+    pub no_disk_probe: bool,
 }
 
 impl ScenarioArgs {

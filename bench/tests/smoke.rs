@@ -15,10 +15,19 @@ use clap::Parser;
 use common::{start_baseline, start_system};
 
 fn scenario(args: &[&str]) -> ScenarioArgs {
+    // The disk probe's file goes to the temporary directory, not into the crate's folder.
+    let probe_dir = std::env::temp_dir().display().to_string();
     ScenarioArgs::parse_from(
-        ["scenario", "--no-progress", "--duration-s", "0.5"]
-            .into_iter()
-            .chain(args.iter().copied()),
+        [
+            "scenario",
+            "--no-progress",
+            "--duration-s",
+            "0.5",
+            "--disk-probe-dir",
+            &probe_dir,
+        ]
+        .into_iter()
+        .chain(args.iter().copied()),
     )
 }
 
@@ -50,6 +59,11 @@ async fn run_scenario(target: &Target, args: &ScenarioArgs) -> Report {
             "one latency per answer: {context}"
         );
         assert!(report.latency_ms.max >= report.latency_ms.p50, "{context}");
+        // The disk probe flushed through the window: one slowest flush per started second.
+        let disk = report.disk.as_ref().expect("a disk probe report");
+        assert!(disk.flushes > 0, "no probe flush: {context}");
+        assert_eq!(disk.fsync_max_by_second_ms.len(), 1, "{context}");
+        assert!(disk.fsync_max_ms > 0.0, "{context}");
         last = Some(report);
     }
     last.expect("two measurements")
