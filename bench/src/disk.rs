@@ -39,7 +39,8 @@ pub struct DiskProbe {
     pub fsync_max_ms: f64,
     /// Seconds of the window with a flush slower than [`STALL_MS`].
     pub stall_seconds: usize,
-    /// The slowest flush of each second of the window (0 for a second without one).
+    /// The slowest flush of each second the window touches (0 for a second without one), the
+    /// same seconds as the report's `latency_max_by_second_ms`.
     pub fsync_max_by_second_ms: Vec<f64>,
 }
 
@@ -53,23 +54,33 @@ impl DiskProbe {
     }
 }
 
-/// Probes from `window_start` to `window_end` on a blocking thread; None (with a warning) when
-/// the directory cannot be written, since the load's figures do not depend on it.
+/// Probes from `window_start` to `window_end` on a blocking thread, counting seconds from
+/// `series_start` (the start of the latency series' first second, so both series have the same
+/// seconds); None (with a warning) when the directory cannot be written, since the load's
+/// figures do not depend on it.
 pub fn spawn(
     dir: PathBuf,
+    series_start: Instant,
     window_start: Instant,
     window_end: Instant,
 ) -> tokio::task::JoinHandle<Option<DiskProbe>> {
-    tokio::task::spawn_blocking(move || match probe(&dir, window_start, window_end) {
-        Ok(report) => Some(report),
-        Err(error) => {
-            tracing::warn!(dir = %dir.display(), error = format!("{error:#}"), "disk probe failed; the run goes on without it");
-            None
-        }
-    })
+    tokio::task::spawn_blocking(
+        move || match probe(&dir, series_start, window_start, window_end) {
+            Ok(report) => Some(report),
+            Err(error) => {
+                tracing::warn!(dir = %dir.display(), error = format!("{error:#}"), "disk probe failed; the run goes on without it");
+                None
+            }
+        },
+    )
 }
 
-fn probe(dir: &Path, window_start: Instant, window_end: Instant) -> anyhow::Result<DiskProbe> {
+fn probe(
+    dir: &Path,
+    series_start: Instant,
+    window_start: Instant,
+    window_end: Instant,
+) -> anyhow::Result<DiskProbe> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!(".disk-probe-{}", uuid::Uuid::new_v4().simple()));
     let file = OpenOptions::new()
@@ -77,7 +88,7 @@ fn probe(dir: &Path, window_start: Instant, window_end: Instant) -> anyhow::Resu
         .create_new(true)
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
-    let result = probe_file(&file, window_start, window_end);
+    let result = probe_file(&file, series_start, window_start, window_end);
     drop(file);
     let _ = std::fs::remove_file(&path);
     let (flushes, by_second_ms) = result.with_context(|| format!("flushing {}", path.display()))?;
@@ -93,20 +104,17 @@ fn probe(dir: &Path, window_start: Instant, window_end: Instant) -> anyhow::Resu
 }
 
 /// Flushes once per interval through the window; returns the number of flushes and each
-/// second's slowest, in milliseconds.
+/// second's slowest (seconds counted from `series_start`), in milliseconds.
 fn probe_file(
     file: &File,
+    series_start: Instant,
     window_start: Instant,
     window_end: Instant,
 ) -> std::io::Result<(u64, Vec<f64>)> {
-    let seconds = usize::try_from(
-        window_end
-            .saturating_duration_since(window_start)
-            .as_secs_f64()
-            .ceil() as u64,
-    )
-    .unwrap_or(0);
-    let mut by_second_ms = vec![0.0_f64; seconds];
+    let second_of =
+        |at: Instant| usize::try_from(at.saturating_duration_since(series_start).as_secs());
+    // Every second the window touches, the last one included.
+    let mut by_second_ms = vec![0.0_f64; second_of(window_end).map_or(0, |last| last + 1)];
     let page = [0x5a_u8; PROBE_BYTES];
     let interval = Duration::from_millis(PROBE_INTERVAL_MS);
     let mut next = window_start;
@@ -125,8 +133,10 @@ fn probe_file(
         file.write_all_at(&page, offset)?;
         file.sync_data()?;
         let took_ms = started.elapsed().as_secs_f64() * 1_000.0;
-        let second = usize::try_from(started.duration_since(window_start).as_secs()).unwrap_or(0);
-        if let Some(slowest) = by_second_ms.get_mut(second) {
+        if let Some(slowest) = second_of(started)
+            .ok()
+            .and_then(|second| by_second_ms.get_mut(second))
+        {
             *slowest = round3(slowest.max(took_ms));
         }
         flushes += 1;

@@ -111,8 +111,14 @@ pub async fn measure(
         tokio::time::sleep_until(window_end.into()).await;
         before.zip(CpuSnapshot::take())
     });
-    let disk_probe = (!args.no_disk_probe)
-        .then(|| crate::disk::spawn(args.disk_probe_dir.clone(), window_start, window_end));
+    let disk_probe = (!args.no_disk_probe).then(|| {
+        crate::disk::spawn(
+            args.disk_probe_dir.clone(),
+            recorder.second_start(window_start),
+            window_start,
+            window_end,
+        )
+    });
     let ticker = tokio::spawn(tick_progress(
         progress.clone(),
         Arc::clone(&recorder),

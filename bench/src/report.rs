@@ -160,6 +160,12 @@ impl Recorder {
         usize::try_from(at.saturating_duration_since(self.created).as_secs()).unwrap_or(usize::MAX)
     }
 
+    /// When the series' second holding `at` began: another per-second series counted from here
+    /// has the same seconds as `latency_max_by_second_ms` (which starts at the window's).
+    pub fn second_start(&self, at: Instant) -> Instant {
+        self.created + Duration::from_secs(at.saturating_duration_since(self.created).as_secs())
+    }
+
     /// An open-loop send that was not made because too many requests were outstanding.
     pub fn record_drop(&self) {
         self.live.dropped.fetch_add(1, Ordering::Relaxed);
