@@ -19,12 +19,36 @@ pub fn install() -> PrometheusHandle {
                 .unwrap_or_else(|_| PrometheusBuilder::new())
                 .build_recorder();
             let handle = recorder.handle();
+            spawn_upkeep(handle.clone());
             // Another recorder may already be installed in tests that run several services in
             // one process; then this handle renders nothing, which is harmless there.
             drop(metrics::set_global_recorder(recorder));
             handle
         })
         .clone()
+}
+
+/// How often the recorded histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL_MS: u64 = 5_000;
+
+/// Folds the histograms' samples into their buckets every `UPKEEP_INTERVAL_MS`, on a thread of its
+/// own for the life of the process. The recorder keeps every sample a histogram records until
+/// upkeep (or a render of `/metrics`) drains it, so without this a process nobody scrapes would
+/// grow by every request's and every batch's samples, and the first scrape after a long run
+/// would stall on millions of them. A thread rather than a task, because tests run several
+/// services, each on a runtime of its own, in one process that has one recorder.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".to_string())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(UPKEEP_INTERVAL_MS));
+                handle.run_upkeep();
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "could not start the metrics upkeep thread: histograms are drained only when /metrics is read");
+    }
 }
 
 /// Serves `GET /metrics` on `address` until `shutdown`.
