@@ -17,8 +17,11 @@ HEALTH_WAIT_SECONDS=60
 
 bash "$ROOT/scripts/ensure-services.sh"
 
-echo "Building: $CARGO build --release -p gateway -p worker -p treasury"
-"$CARGO" build --release -p gateway -p worker -p treasury
+# The whole workspace, as the benchmark's and the test suite's builds do: building only some
+# packages resolves their dependencies' features differently, so every switch between the two
+# would recompile the shared dependencies.
+echo "Building: $CARGO build --release --workspace"
+"$CARGO" build --release --workspace
 
 if [ -z "${JWT_SECRET:-}" ]; then
     JWT_SECRET="$(head -c 32 /dev/urandom | base64)"
