@@ -104,18 +104,20 @@ impl CpuUse {
             }
         };
         let machine_cores = per_window(after.machine_s - before.machine_s);
-        let cores_by_group: BTreeMap<String, f64> = seconds_by_group
-            .into_iter()
-            .map(|(group, seconds)| (group, round3(per_window(seconds))))
-            .collect();
+        // Microseconds come from the unrounded cores: rounding the cores to three decimals first
+        // would move a slow target's figures by a microsecond or more (0.001 cores at 500/s).
         let mut micros_per_command = BTreeMap::new();
         if commands_per_s > 0.0 {
             let micros = |cores: f64| (cores / commands_per_s * 1e6).round();
             micros_per_command.insert("machine".to_string(), micros(machine_cores));
-            for (group, cores) in &cores_by_group {
-                micros_per_command.insert(group.clone(), micros(*cores));
+            for (group, seconds) in &seconds_by_group {
+                micros_per_command.insert(group.clone(), micros(per_window(*seconds)));
             }
         }
+        let cores_by_group: BTreeMap<String, f64> = seconds_by_group
+            .into_iter()
+            .map(|(group, seconds)| (group, round3(per_window(seconds))))
+            .collect();
         Self {
             window_s: round3(window_s),
             machine_cores: round3(machine_cores),
@@ -248,6 +250,26 @@ mod tests {
         assert_eq!(used.micros_per_command["machine"], 1_500.0);
         assert_eq!(used.micros_per_command["postgresql"], 500.0);
         assert_eq!(used.describe_micros(), "1500 (postgresql 500, worker 500)");
+    }
+
+    #[test]
+    fn microseconds_come_from_the_unrounded_cores() {
+        let start = std::time::Instant::now();
+        let before = CpuSnapshot {
+            taken_at: start,
+            processes: BTreeMap::from([(10, ("treasury", 1.0))]),
+            machine_s: 10.0,
+        };
+        let after = CpuSnapshot {
+            taken_at: start + std::time::Duration::from_secs(1),
+            processes: BTreeMap::from([(10, ("treasury", 1.0014))]),
+            machine_s: 10.0014,
+        };
+        // 0.0014 cores at 10 commands a second is 140 µs each; the rounded 0.001 would say 100.
+        let used = CpuUse::between(&before, &after, 10.0);
+        assert_eq!(used.cores_by_group["treasury"], 0.001);
+        assert_eq!(used.micros_per_command["treasury"], 140.0);
+        assert_eq!(used.micros_per_command["machine"], 140.0);
     }
 
     #[test]
