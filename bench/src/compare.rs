@@ -28,6 +28,8 @@ const SPAWNED_QUEUE_EXPIRES_MS: u32 = 300_000;
 const RAISED_RATE_LIMIT: u32 = 1_000_000;
 /// Pause after the setup so its background work (folding, follow-ups) settles first.
 const SETTLE_MS: u64 = 1_000;
+/// Most open loops one `--sweep-fractions` may ask for, so a typo cannot run for hours.
+pub const SWEEP_POINTS_MAX: usize = 16;
 
 #[derive(Debug, Clone, Args)]
 pub struct CompareArgs {
@@ -42,6 +44,13 @@ pub struct CompareArgs {
     /// Measured window of that open loop (default: --duration-s).
     #[arg(long)]
     pub open_duration_s: Option<f64>,
+
+    /// After the open loops, more open loops against the system alone, one at each of these
+    /// fractions of its measured commands/s (comma-separated, each above 0 and at most 1, at
+    /// most `SWEEP_POINTS_MAX`), each as long as the open loop: how latency and CPU per command
+    /// change with the offered load.
+    #[arg(long, value_delimiter = ',')]
+    pub sweep_fractions: Vec<f64>,
 
     /// Start the spawned gateway with its default rate limits. By default they are raised out
     /// of the way (RATE_LIMIT_PLAYER_PER_SECOND and LOGIN_ATTEMPTS_PER_ADDRESS_PER_MINUTE at
@@ -166,6 +175,13 @@ pub struct OpenResult {
     pub baseline: Report,
 }
 
+/// One open loop of the sweep: the system alone at a fraction of its measured maximum.
+#[derive(Debug, Serialize)]
+pub struct SweepPoint {
+    pub fraction: f64,
+    pub system: Report,
+}
+
 #[derive(Debug, Serialize)]
 pub struct CompareResult {
     pub kind: &'static str,
@@ -178,6 +194,8 @@ pub struct CompareResult {
     /// System commands/s divided by baseline commands/s.
     pub ratio_commands_per_s: Option<f64>,
     pub open: Option<OpenResult>,
+    /// The `--sweep-fractions` open loops, in the order given.
+    pub sweep: Vec<SweepPoint>,
     pub audit_passed_system: Option<bool>,
     pub audit_passed_baseline: Option<bool>,
     pub workers: u32,
@@ -197,6 +215,11 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<CompareResult> {
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.open_fraction),
         "--open-fraction must be from 0 to 1"
+    );
+    validate_sweep(&args.sweep_fractions)?;
+    anyhow::ensure!(
+        args.sweep_fractions.is_empty() || args.scenario.mode == Mode::Closed,
+        "--sweep-fractions needs the closed loop (--mode closed): its fractions are of the rate the closed loop measures"
     );
     let run_id = new_run_id();
     let log_dir = PathBuf::from("bench-results")
@@ -429,19 +452,19 @@ async fn run_inner(
         measure(&baseline, scenario, Arc::clone(&baseline_prepared), load).await?;
     children.check_alive()?;
 
+    // The same scenario as an open loop at a fraction of what a target reached.
+    let open_at = |commands_per_s: f64, fraction: f64| {
+        let mut open_args = scenario.clone();
+        open_args.mode = Mode::Open;
+        open_args.rate = Some(open_rate(commands_per_s, fraction));
+        if let Some(duration) = args.open_duration_s {
+            open_args.duration_s = duration;
+        }
+        open_args
+    };
     let open = if args.open_fraction > 0.0 && scenario.mode == Mode::Closed {
-        // The same scenario as an open loop at a fraction of what each target reached.
-        let open_at = |commands_per_s: f64| {
-            let mut open_args = scenario.clone();
-            open_args.mode = Mode::Open;
-            open_args.rate = Some((commands_per_s * args.open_fraction).max(1.0));
-            if let Some(duration) = args.open_duration_s {
-                open_args.duration_s = duration;
-            }
-            open_args
-        };
         tokio::time::sleep(Duration::from_millis(SETTLE_MS)).await;
-        let system_args = open_at(system_report.commands_per_s);
+        let system_args = open_at(system_report.commands_per_s, args.open_fraction);
         let system_open = measure(
             &system,
             &system_args,
@@ -451,7 +474,7 @@ async fn run_inner(
         .await?;
         let system_open_lag = lag_of(system_pool).await?;
         tokio::time::sleep(Duration::from_millis(SETTLE_MS)).await;
-        let baseline_args = open_at(baseline_report.commands_per_s);
+        let baseline_args = open_at(baseline_report.commands_per_s, args.open_fraction);
         let baseline_open = measure(
             &baseline,
             &baseline_args,
@@ -469,6 +492,25 @@ async fn run_inner(
         None
     };
     children.check_alive()?;
+
+    // Only with a closed loop (checked in `run`): the fractions are of the rate it measured.
+    let mut sweep = Vec::new();
+    for &fraction in &args.sweep_fractions {
+        tokio::time::sleep(Duration::from_millis(SETTLE_MS)).await;
+        let sweep_args = open_at(system_report.commands_per_s, fraction);
+        let report = measure(
+            &system,
+            &sweep_args,
+            Arc::clone(&system_prepared),
+            Load::from_args(&sweep_args)?,
+        )
+        .await?;
+        children.check_alive()?;
+        sweep.push(SweepPoint {
+            fraction,
+            system: report,
+        });
+    }
 
     let mut audits = Vec::new();
     for pool in [system_pool, baseline_pool] {
@@ -490,6 +532,7 @@ async fn run_inner(
         baseline: baseline_report,
         ratio_commands_per_s: ratio,
         open,
+        sweep,
         audit_passed_system: audits[0],
         audit_passed_baseline: audits[1],
         workers: args.workers,
@@ -526,6 +569,12 @@ fn print_result(result: &CompareResult) {
         println!("{}", render_table(&[&open.system, &open.baseline]));
         print_lag(open.system_treasury_lag.as_ref());
     }
+    if !result.sweep.is_empty() {
+        println!();
+        println!("the system alone, open loops at fractions of its measured commands/s:");
+        let reports: Vec<&Report> = result.sweep.iter().map(|point| &point.system).collect();
+        println!("{}", render_table(&reports));
+    }
     let verdict = |passed: Option<bool>| match passed {
         Some(true) => "passed",
         Some(false) => "FAILED",
@@ -561,5 +610,51 @@ fn print_lag(lag: Option<&TreasuryLag>) {
             "treasury lag: {credits_at_stop} credits unfolded when the load stopped, NOT all folded within {LAG_WAIT_MAX_MS} ms"
         ),
         None => println!("treasury lag: not measured (no system database URL)"),
+    }
+}
+
+/// The offered rate of an open loop at `fraction` of a measured `commands_per_s` (at least 1/s).
+fn open_rate(commands_per_s: f64, fraction: f64) -> f64 {
+    (commands_per_s * fraction).max(1.0)
+}
+
+/// `--sweep-fractions`: each above 0 and at most 1, and no more than [`SWEEP_POINTS_MAX`].
+fn validate_sweep(fractions: &[f64]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        fractions.len() <= SWEEP_POINTS_MAX,
+        "--sweep-fractions takes at most {SWEEP_POINTS_MAX} fractions, not {}",
+        fractions.len()
+    );
+    for &fraction in fractions {
+        anyhow::ensure!(
+            fraction > 0.0 && fraction <= 1.0,
+            "--sweep-fractions: {fraction} is not above 0 and at most 1"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_fractions_are_checked() {
+        assert!(validate_sweep(&[]).is_ok());
+        assert!(validate_sweep(&[0.125, 0.25, 0.5, 1.0]).is_ok());
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            let error = validate_sweep(&[0.25, bad]).expect_err("rejected");
+            assert!(error.to_string().contains("--sweep-fractions"), "{error}");
+        }
+        assert!(validate_sweep(&[0.5; SWEEP_POINTS_MAX]).is_ok());
+        assert!(validate_sweep(&[0.5; SWEEP_POINTS_MAX + 1]).is_err());
+    }
+
+    #[test]
+    fn an_open_loop_offers_its_fraction_of_the_measured_rate() {
+        assert_eq!(open_rate(5_600.0, 0.5), 2_800.0);
+        assert_eq!(open_rate(5_600.0, 0.125), 700.0);
+        // A target that completed almost nothing is still offered one command a second.
+        assert_eq!(open_rate(0.0, 0.5), 1.0);
     }
 }
