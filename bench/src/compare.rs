@@ -15,7 +15,7 @@ use crate::driver::{Load, measure};
 use crate::procs::{Children, bin_dir, free_port};
 use crate::report::{Machine, Report, json_path, machine, render_table, write_json};
 use crate::scenario::{
-    Mode, ScenarioArgs, Target, http_client, new_run_id, prepare, run_queue_prefix,
+    Mode, Prepared, ScenarioArgs, Target, http_client, new_run_id, prepare, run_queue_prefix,
 };
 
 /// Pause between two looks at `hot_credits` while waiting for the treasury to catch up.
@@ -452,34 +452,22 @@ async fn run_inner(
         measure(&baseline, scenario, Arc::clone(&baseline_prepared), load).await?;
     children.check_alive()?;
 
-    // The same scenario as an open loop at a fraction of what a target reached.
-    let open_at = |commands_per_s: f64, fraction: f64| {
-        let mut open_args = scenario.clone();
-        open_args.mode = Mode::Open;
-        open_args.rate = Some(open_rate(commands_per_s, fraction));
-        if let Some(duration) = args.open_duration_s {
-            open_args.duration_s = duration;
-        }
-        open_args
-    };
     let open = if args.open_fraction > 0.0 && scenario.mode == Mode::Closed {
         tokio::time::sleep(Duration::from_millis(SETTLE_MS)).await;
-        let system_args = open_at(system_report.commands_per_s, args.open_fraction);
-        let system_open = measure(
+        let system_open = measure_open(
+            args,
             &system,
-            &system_args,
-            Arc::clone(&system_prepared),
-            Load::from_args(&system_args)?,
+            &system_prepared,
+            system_report.commands_per_s * args.open_fraction,
         )
         .await?;
         let system_open_lag = lag_of(system_pool).await?;
         tokio::time::sleep(Duration::from_millis(SETTLE_MS)).await;
-        let baseline_args = open_at(baseline_report.commands_per_s, args.open_fraction);
-        let baseline_open = measure(
+        let baseline_open = measure_open(
+            args,
             &baseline,
-            &baseline_args,
-            Arc::clone(&baseline_prepared),
-            Load::from_args(&baseline_args)?,
+            &baseline_prepared,
+            baseline_report.commands_per_s * args.open_fraction,
         )
         .await?;
         Some(OpenResult {
@@ -497,12 +485,11 @@ async fn run_inner(
     let mut sweep = Vec::new();
     for &fraction in &args.sweep_fractions {
         tokio::time::sleep(Duration::from_millis(SETTLE_MS)).await;
-        let sweep_args = open_at(system_report.commands_per_s, fraction);
-        let report = measure(
+        let report = measure_open(
+            args,
             &system,
-            &sweep_args,
-            Arc::clone(&system_prepared),
-            Load::from_args(&sweep_args)?,
+            &system_prepared,
+            system_report.commands_per_s * fraction,
         )
         .await?;
         children.check_alive()?;
@@ -613,9 +600,27 @@ fn print_lag(lag: Option<&TreasuryLag>) {
     }
 }
 
-/// The offered rate of an open loop at `fraction` of a measured `commands_per_s` (at least 1/s).
-fn open_rate(commands_per_s: f64, fraction: f64) -> f64 {
-    (commands_per_s * fraction).max(1.0)
+/// The scenario as an open loop offering `rate_per_s` (at least 1/s) to `target`, for
+/// `--open-duration-s` (or the scenario's duration).
+async fn measure_open(
+    args: &CompareArgs,
+    target: &Target,
+    prepared: &Arc<Prepared>,
+    rate_per_s: f64,
+) -> anyhow::Result<Report> {
+    let open_args = open_scenario(args, rate_per_s);
+    let load = Load::from_args(&open_args)?;
+    measure(target, &open_args, Arc::clone(prepared), load).await
+}
+
+fn open_scenario(args: &CompareArgs, rate_per_s: f64) -> ScenarioArgs {
+    let mut open_args = args.scenario.clone();
+    open_args.mode = Mode::Open;
+    open_args.rate = Some(rate_per_s.max(1.0));
+    if let Some(duration) = args.open_duration_s {
+        open_args.duration_s = duration;
+    }
+    open_args
 }
 
 /// `--sweep-fractions`: each above 0 and at most 1, and no more than [`SWEEP_POINTS_MAX`].
@@ -651,10 +656,27 @@ mod tests {
     }
 
     #[test]
-    fn an_open_loop_offers_its_fraction_of_the_measured_rate() {
-        assert_eq!(open_rate(5_600.0, 0.5), 2_800.0);
-        assert_eq!(open_rate(5_600.0, 0.125), 700.0);
+    fn an_open_loop_offers_its_rate_for_the_open_duration() {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            args: CompareArgs,
+        }
+        let parsed = <Command as clap::Parser>::try_parse_from([
+            "compare",
+            "--scenario",
+            "purchase-hot",
+            "--duration-s",
+            "60",
+        ]);
+        let mut args = parsed.expect("parsed").args;
+        let open = open_scenario(&args, 5_600.0 * 0.125);
+        assert_eq!(open.mode, Mode::Open);
+        assert_eq!(open.rate, Some(700.0));
+        assert_eq!(open.duration_s, 60.0);
+        args.open_duration_s = Some(30.0);
+        assert_eq!(open_scenario(&args, 2_800.0).duration_s, 30.0);
         // A target that completed almost nothing is still offered one command a second.
-        assert_eq!(open_rate(0.0, 0.5), 1.0);
+        assert_eq!(open_scenario(&args, 0.0).rate, Some(1.0));
     }
 }
