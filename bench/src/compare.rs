@@ -47,8 +47,8 @@ pub struct CompareArgs {
 
     /// After the open loops, more open loops against the system alone, one at each of these
     /// fractions of its measured commands/s (comma-separated, each above 0 and at most 1, at
-    /// most `SWEEP_POINTS_MAX`), each as long as the open loop: how latency and CPU per command
-    /// change with the offered load.
+    /// most 16 of them), each as long as the open loop: how latency and CPU per command change
+    /// with the offered load.
     #[arg(long, value_delimiter = ',')]
     pub sweep_fractions: Vec<f64>,
 
@@ -651,6 +651,7 @@ mod tests {
             let error = validate_sweep(&[0.25, bad]).expect_err("rejected");
             assert!(error.to_string().contains("--sweep-fractions"), "{error}");
         }
+        assert_eq!(SWEEP_POINTS_MAX, 16, "the --sweep-fractions help says 16");
         assert!(validate_sweep(&[0.5; SWEEP_POINTS_MAX]).is_ok());
         assert!(validate_sweep(&[0.5; SWEEP_POINTS_MAX + 1]).is_err());
     }
