@@ -104,24 +104,28 @@ impl CpuUse {
             }
         };
         let machine_cores = per_window(after.machine_s - before.machine_s);
+        let cores_by_group: BTreeMap<String, f64> = seconds_by_group
+            .into_iter()
+            .map(|(group, seconds)| (group, per_window(seconds)))
+            .collect();
         // Microseconds come from the unrounded cores: rounding the cores to three decimals first
         // would move a slow target's figures by a microsecond or more (0.001 cores at 500/s).
+        // Rounding is for the report only.
         let mut micros_per_command = BTreeMap::new();
         if commands_per_s > 0.0 {
             let micros = |cores: f64| (cores / commands_per_s * 1e6).round();
             micros_per_command.insert("machine".to_string(), micros(machine_cores));
-            for (group, seconds) in &seconds_by_group {
-                micros_per_command.insert(group.clone(), micros(per_window(*seconds)));
+            for (group, cores) in &cores_by_group {
+                micros_per_command.insert(group.clone(), micros(*cores));
             }
         }
-        let cores_by_group: BTreeMap<String, f64> = seconds_by_group
-            .into_iter()
-            .map(|(group, seconds)| (group, round3(per_window(seconds))))
-            .collect();
         Self {
             window_s: round3(window_s),
             machine_cores: round3(machine_cores),
-            cores_by_group,
+            cores_by_group: cores_by_group
+                .into_iter()
+                .map(|(group, cores)| (group, round3(cores)))
+                .collect(),
             micros_per_command,
         }
     }
