@@ -1,16 +1,23 @@
-//! Applying a batch of commands of one partition in one PostgreSQL transaction.
+//! Applying a batch of commands of one or more partitions, all or nothing.
 //!
 //! The batch is set-based: one statement per table, whatever the batch size. Commands are decided
-//! in memory, in delivery order, against the locked balances, so each command sees the balances
+//! in memory, in delivery order, against the balances read, so each command sees the balances
 //! the commands before it left: the result is the same as applying them one by one.
 //!
-//! Steps, all inside the caller's transaction:
+//! Steps, all inside the caller's transaction (`apply_batch`, the locked path):
 //! 1. in one statement: look up stored results (dedup by command id), read the items bought and
 //!    lock every existing account of the players involved, in id order;
 //! 2. create the users of new signups (`ON CONFLICT DO NOTHING` tells who got the name);
 //! 3. create the missing accounts, then lock them;
 //! 4. decide each command in order (overdraft checks, checked arithmetic, postings);
 //! 5. write journals, postings, balances, hot credits, command results and outbox rows.
+//!
+//! Most batches (top-ups, bonuses, purchases of players with accounts, nothing redelivered) need
+//! only steps 1, 4 and 5. `apply` runs those without a transaction (`apply_unlocked`): step 1
+//! without locks, and step 5 as one statement that commits on its own and updates an account only
+//! if its version is still the one step 1 read, failing as a whole otherwise. That is two round
+//! trips instead of four and no row locks, for the same result; anything else, or a failed
+//! write, goes the locked path.
 
 use std::collections::{HashMap, HashSet};
 
@@ -26,7 +33,7 @@ use shared::results::{
 };
 use shared::wire::{COMMAND_VERSION, Command, CommandEnvelope, CommandReply};
 use sqlx::types::Json;
-use sqlx::{Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 /// A message owed after the commit: a follow-up command for another partition.
@@ -49,6 +56,9 @@ pub struct BatchResult {
     /// Request ids of the commands applied by this batch (every applied command moves money
     /// through a hot account), carried to the treasury for its logs.
     pub applied_request_ids: Vec<String>,
+    /// Whether the batch was applied in a transaction with its accounts locked (`true`) or by
+    /// one version-checked write statement (`false`).
+    pub locked: bool,
 }
 
 /// What the applying worker knows beyond the commands: the partition count (to route
@@ -115,6 +125,8 @@ struct AccountState {
     id: i64,
     balance: i64,
     version: i64,
+    /// The version read, which the write requires to be still there.
+    read_version: i64,
     changed: bool,
 }
 
@@ -232,16 +244,122 @@ pub struct PartitionBatch<'a> {
     pub envelopes: &'a [CommandEnvelope],
 }
 
-/// Applies the batches of one or more partitions as one batch. Different partitions never
-/// share a player, so deciding their commands together gives each one the same result as
-/// applying its partition's batch alone; within a partition, delivery order is kept. The
-/// replies come in input order, batch after batch.
+/// How a batch keeps the accounts it read from changing before it writes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Locking {
+    /// Inside the caller's transaction: the accounts are locked when they are read
+    /// (`FOR UPDATE`, in id order) and stay locked until the caller commits.
+    Rows,
+    /// Without a transaction: the accounts are read unlocked, and the one write statement
+    /// updates each changed account only if its version is still the one read, failing as a
+    /// whole otherwise (`wallet_require`, SQLSTATE 40001). Two round trips instead of four
+    /// (no `BEGIN`, no `COMMIT`) and no row locks to write.
+    Versions,
+}
+
+/// Applies the batches of one or more partitions as one batch, inside the caller's
+/// transaction, with the accounts locked. Different partitions never share a player, so
+/// deciding their commands together gives each one the same result as applying its
+/// partition's batch alone; within a partition, delivery order is kept. The replies come in
+/// input order, batch after batch.
 pub async fn apply_batch(
     transaction: &mut Transaction<'_, Postgres>,
     batches: &[PartitionBatch<'_>],
     context: &ApplyContext,
 ) -> Result<BatchResult, sqlx::Error> {
-    let mut result = BatchResult::default();
+    apply_with(transaction, batches, context, Locking::Rows)
+        .await?
+        .ok_or_else(|| sqlx::Error::Protocol("a locked batch always applies".into()))
+}
+
+/// Whether a batch can be applied without a transaction at all: the commands whose decision
+/// reads or writes more than the accounts, items and stored results of one statement
+/// (signups create users, gifts check their receiver and owe a delivery, reversals read old
+/// postings) need the locked path.
+fn can_apply_unlocked(batches: &[PartitionBatch<'_>]) -> bool {
+    batches
+        .iter()
+        .flat_map(|batch| batch.envelopes)
+        .all(|envelope| {
+            !matches!(
+                envelope.command,
+                Command::Signup { .. } | Command::Gift { .. } | Command::Reverse { .. }
+            )
+        })
+}
+
+/// Applies the batches like `apply_batch`, but with no transaction: one unlocked read, then one
+/// write statement that commits on its own and checks the versions of the accounts it changes.
+/// Returns `None`, having written nothing, when the batch turns out to need the locked path
+/// (a redelivery, a missing account, a follow-up owed). An error means nothing was written
+/// either: the statement failed as a whole, for instance because an account changed after the
+/// read (SQLSTATE 40001) or another apply stored the same command id first.
+pub async fn apply_unlocked(
+    connection: &mut PgConnection,
+    batches: &[PartitionBatch<'_>],
+    context: &ApplyContext,
+) -> Result<Option<BatchResult>, sqlx::Error> {
+    if !can_apply_unlocked(batches) {
+        return Ok(None);
+    }
+    apply_with(connection, batches, context, Locking::Versions).await
+}
+
+/// Why a batch that could have gone the unlocked way went the locked way.
+fn fallback_reason(outcome: &Result<Option<BatchResult>, sqlx::Error>) -> &'static str {
+    match outcome {
+        Ok(_) => "needs_locks",
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("40001") => {
+            "version_changed"
+        }
+        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => "already_stored",
+        Err(_) => "error",
+    }
+}
+
+/// The committers' entry: applies the batches unlocked when they can be, and otherwise (or when
+/// that fails, having written nothing) in a transaction with the accounts locked. The result is
+/// the same either way; `BatchResult::locked` says which way it went.
+pub async fn apply(
+    pool: &PgPool,
+    batches: &[PartitionBatch<'_>],
+    context: &ApplyContext,
+) -> Result<BatchResult, sqlx::Error> {
+    if can_apply_unlocked(batches) {
+        let mut connection = pool.acquire().await?;
+        let outcome = apply_unlocked(&mut connection, batches, context).await;
+        drop(connection);
+        if let Ok(Some(result)) = outcome {
+            metrics::counter!("wallet_applies_total", "path" => "unlocked").increment(1);
+            return Ok(result);
+        }
+        let reason = fallback_reason(&outcome);
+        if let Err(error) = &outcome {
+            // The locked path below decides the outcome; an error that persists surfaces there.
+            tracing::debug!(%error, reason, "unlocked apply failed, applying locked");
+        }
+        metrics::counter!("wallet_unlocked_fallbacks_total", "reason" => reason).increment(1);
+    }
+    let mut transaction = pool.begin().await?;
+    let result = apply_batch(&mut transaction, batches, context).await?;
+    transaction.commit().await?;
+    metrics::counter!("wallet_applies_total", "path" => "locked").increment(1);
+    Ok(result)
+}
+
+/// `apply_batch` and `apply_unlocked`: read, decide in order, write. With `Locking::Versions`
+/// it returns `None` before writing anything when the batch needs more than one read and one
+/// write statement.
+async fn apply_with(
+    connection: &mut PgConnection,
+    batches: &[PartitionBatch<'_>],
+    context: &ApplyContext,
+    locking: Locking,
+) -> Result<Option<BatchResult>, sqlx::Error> {
+    let mut result = BatchResult {
+        locked: locking == Locking::Rows,
+        ..BatchResult::default()
+    };
     let envelopes: Vec<(u16, &CommandEnvelope)> = batches
         .iter()
         .flat_map(|batch| {
@@ -259,7 +377,7 @@ pub async fn apply_batch(
         items,
         mut accounts,
         players: mut known_players,
-    } = read_stored(transaction, &envelopes).await?;
+    } = read_stored(connection, &envelopes, locking).await?;
 
     // The first delivery of each new command id in this batch is decided; the rest replay it.
     let mut first_new: HashSet<Uuid> = HashSet::new();
@@ -270,6 +388,10 @@ pub async fn apply_batch(
         .unzip();
 
     let replayed_ids: Vec<Uuid> = stored.keys().copied().collect();
+    if !replayed_ids.is_empty() && locking == Locking::Versions {
+        // A redelivery may owe follow-ups, read and republished in the locked path.
+        return Ok(None);
+    }
     if !replayed_ids.is_empty() {
         // A redelivered command republishes whatever it still owes.
         let owed: Vec<(i64, String, Json<Value>)> = sqlx::query_as(
@@ -277,7 +399,7 @@ pub async fn apply_batch(
              WHERE command_id = ANY($1) AND published_at IS NULL ORDER BY id",
         )
         .bind(&replayed_ids)
-        .fetch_all(&mut **transaction)
+        .fetch_all(&mut *connection)
         .await?;
         result
             .outbox
@@ -292,7 +414,7 @@ pub async fn apply_batch(
     }
 
     // 2. Users of new signups.
-    let signup_outcomes = create_users(transaction, &new_commands).await?;
+    let signup_outcomes = create_users(connection, &new_commands).await?;
 
     // 3. Accounts of every player involved: those that exist were locked by step 1; the missing
     //    ones are created, then locked.
@@ -326,18 +448,21 @@ pub async fn apply_batch(
         .into_iter()
         .filter(|key| !accounts.contains_key(key))
         .collect();
+    if !missing.is_empty() && locking == Locking::Versions {
+        return Ok(None);
+    }
     if !missing.is_empty() {
-        create_accounts(transaction, &missing).await?;
+        create_accounts(connection, &missing).await?;
         let mut again: Vec<Uuid> = missing.iter().map(|(player, _)| *player).collect();
         again.sort_unstable();
         again.dedup();
         // The same statement locks them, with nothing else to read.
-        let created = query_stored(transaction, &[], &[], &again).await?;
+        let created = query_stored(connection, &[], &[], &again, locking).await?;
         accounts.extend(created.accounts);
         known_players.extend(created.players);
     }
-    let receivers = existing_receivers(transaction, &new_commands).await?;
-    let reversed = load_reversed_journals(transaction, &new_commands).await?;
+    let receivers = existing_receivers(connection, &new_commands).await?;
+    let reversed = load_reversed_journals(connection, &new_commands).await?;
     let mut needed_hot = vec![(TREASURY_OWNER_ID, GEMS.to_string())];
     for envelope in &new_commands {
         if let Command::Gift { asset, .. } | Command::GiftDelivery { asset, .. } = &envelope.command
@@ -356,7 +481,7 @@ pub async fn apply_batch(
     let mut books = Books {
         accounts,
         assets,
-        hot_accounts: hot_accounts(transaction, context, &needed_hot).await?,
+        hot_accounts: hot_accounts(connection, context, &needed_hot).await?,
         players: known_players,
     };
 
@@ -503,12 +628,19 @@ pub async fn apply_batch(
         );
     }
 
+    if locking == Locking::Versions
+        && !(writes.outbox_commands.is_empty() && writes.reversals.is_empty())
+    {
+        // Nothing was written: the locked path writes these beside the batch.
+        return Ok(None);
+    }
+
     // 5. Write everything in one statement (one round trip), then the rare follow-ups.
-    result.hot_credit_ids = write_batch(transaction, &writes, &books, &command_rows).await?;
-    write_reversals(transaction, &writes).await?;
+    result.hot_credit_ids = write_batch(connection, &writes, &books, &command_rows).await?;
+    write_reversals(connection, &writes).await?;
     result
         .outbox
-        .extend(write_outbox(transaction, &writes).await?);
+        .extend(write_outbox(connection, &writes).await?);
 
     // Replies, in input order: new commands answer with their decision, everything else replays.
     let mut answered: HashSet<Uuid> = HashSet::new();
@@ -543,7 +675,7 @@ pub async fn apply_batch(
         };
         result.replies.push(reply);
     }
-    Ok(result)
+    Ok(Some(result))
 }
 
 enum SignupOutcome {
@@ -556,7 +688,7 @@ enum SignupOutcome {
 /// created earlier in this batch); a username already taken, in the database or earlier in the
 /// batch, is refused.
 async fn create_users(
-    transaction: &mut Transaction<'_, Postgres>,
+    connection: &mut PgConnection,
     new_commands: &[&CommandEnvelope],
 ) -> Result<HashMap<Uuid, SignupOutcome>, sqlx::Error> {
     let signups: Vec<_> = new_commands
@@ -590,7 +722,7 @@ async fn create_users(
     let known: Vec<(String, Uuid)> =
         sqlx::query_as("SELECT referral_code, id FROM users WHERE referral_code = ANY($1)")
             .bind(&codes)
-            .fetch_all(&mut **transaction)
+            .fetch_all(&mut *connection)
             .await?;
     let mut code_owners: HashMap<String, Uuid> = known.into_iter().collect();
     let mut usernames_in_batch: HashSet<String> = HashSet::new();
@@ -635,7 +767,7 @@ async fn create_users(
     .bind(&insert_hashes)
     .bind(&insert_codes)
     .bind(&insert_referrers)
-    .fetch_all(&mut **transaction)
+    .fetch_all(&mut *connection)
     .await?;
     let created: HashSet<Uuid> = created.into_iter().collect();
     for id in insert_ids {
@@ -680,22 +812,33 @@ const STORED_ACCOUNT: i16 = 3;
 /// (the materialized CTE's `ORDER BY ... FOR UPDATE`) so that two transactions touching
 /// overlapping players never deadlock. Run with players only, it locks the accounts a batch has
 /// just created.
-const READ_STORED: &str = "
-    WITH locked AS MATERIALIZED (
-        SELECT a.id, a.owner_id, a.asset, a.balance, a.version, u.username, u.referral_code
-        FROM accounts a JOIN users u ON u.id = a.owner_id
-        WHERE a.owner_id = ANY($3) AND a.owner_kind = 'player'
-        ORDER BY a.id FOR UPDATE OF a
-    )
-    SELECT 1::int2, id, fingerprint, NULL::text, NULL::text,
-           status_code::int8, NULL::int8, NULL::int8, body
-    FROM commands WHERE id = ANY($1)
-    UNION ALL
-    SELECT 2::int2, NULL, item, asset, price_asset, price, NULL, NULL, NULL
-    FROM items WHERE item = ANY($2) AND active
-    UNION ALL
-    SELECT 3::int2, owner_id, asset, username, referral_code, id, balance, version, NULL
-    FROM locked";
+macro_rules! read_stored_sql {
+    ($lock:literal) => {
+        concat!(
+            "WITH locked AS MATERIALIZED (
+                SELECT a.id, a.owner_id, a.asset, a.balance, a.version, u.username, u.referral_code
+                FROM accounts a JOIN users u ON u.id = a.owner_id
+                WHERE a.owner_id = ANY($3) AND a.owner_kind = 'player'
+                ORDER BY a.id ",
+            $lock,
+            "
+            )
+            SELECT 1::int2, id, fingerprint, NULL::text, NULL::text,
+                   status_code::int8, NULL::int8, NULL::int8, body
+            FROM commands WHERE id = ANY($1)
+            UNION ALL
+            SELECT 2::int2, NULL, item, asset, price_asset, price, NULL, NULL, NULL
+            FROM items WHERE item = ANY($2) AND active
+            UNION ALL
+            SELECT 3::int2, owner_id, asset, username, referral_code, id, balance, version, NULL
+            FROM locked"
+        )
+    };
+}
+const READ_STORED: &str = read_stored_sql!("FOR UPDATE OF a");
+
+/// `READ_STORED` without the locks, for `Locking::Versions`: the write checks the versions.
+const READ_UNLOCKED: &str = read_stored_sql!("");
 
 /// Reads, in one round trip, the stored results of the batch's command ids, the items its
 /// purchases name and, locked, the accounts of the players its commands act for. Signups are
@@ -703,8 +846,9 @@ const READ_STORED: &str = "
 /// A replayed command's player is locked too, which is harmless: only this partition's owner
 /// writes that player's accounts.
 async fn read_stored(
-    transaction: &mut Transaction<'_, Postgres>,
+    connection: &mut PgConnection,
     envelopes: &[(u16, &CommandEnvelope)],
+    locking: Locking,
 ) -> Result<StoredState, sqlx::Error> {
     let ids: Vec<Uuid> = envelopes.iter().map(|(_, envelope)| envelope.id).collect();
     let mut item_names: Vec<&str> = Vec::new();
@@ -721,21 +865,27 @@ async fn read_stored(
     item_names.dedup();
     players.sort_unstable();
     players.dedup();
-    query_stored(transaction, &ids, &item_names, &players).await
+    query_stored(connection, &ids, &item_names, &players, locking).await
 }
 
-/// Runs `READ_STORED` for these command ids, item names and players (each may be empty).
+/// Runs `READ_STORED` (or, unlocked, `READ_UNLOCKED`) for these command ids, item names and
+/// players (each may be empty).
 async fn query_stored(
-    transaction: &mut Transaction<'_, Postgres>,
+    connection: &mut PgConnection,
     ids: &[Uuid],
     item_names: &[&str],
     players: &[Uuid],
+    locking: Locking,
 ) -> Result<StoredState, sqlx::Error> {
-    let rows: Vec<StoredRow> = sqlx::query_as(READ_STORED)
+    let statement = match locking {
+        Locking::Rows => READ_STORED,
+        Locking::Versions => READ_UNLOCKED,
+    };
+    let rows: Vec<StoredRow> = sqlx::query_as(statement)
         .bind(ids)
         .bind(item_names)
         .bind(players)
-        .fetch_all(&mut **transaction)
+        .fetch_all(&mut *connection)
         .await?;
     let mut state = StoredState {
         commands: HashMap::new(),
@@ -780,6 +930,7 @@ async fn query_stored(
                         id,
                         balance,
                         version,
+                        read_version: version,
                         changed: false,
                     },
                 );
@@ -798,7 +949,7 @@ async fn query_stored(
 /// Creates the missing accounts of existing players in existing assets (an id that names no
 /// player, or an asset that does not exist, gets none: the decision then refuses the command).
 async fn create_accounts(
-    transaction: &mut Transaction<'_, Postgres>,
+    connection: &mut PgConnection,
     wanted: &[(Uuid, String)],
 ) -> Result<(), sqlx::Error> {
     if wanted.is_empty() {
@@ -818,7 +969,7 @@ async fn create_accounts(
     )
     .bind(&owners)
     .bind(&assets)
-    .execute(&mut **transaction)
+    .execute(&mut *connection)
     .await?;
     Ok(())
 }
@@ -826,7 +977,7 @@ async fn create_accounts(
 /// Hot accounts are never locked by workers: their legs become hot credits. Their ids come
 /// from the context's cache, reloaded when one that is needed is missing.
 async fn hot_accounts(
-    transaction: &mut Transaction<'_, Postgres>,
+    connection: &mut PgConnection,
     context: &ApplyContext,
     needed: &[(Uuid, String)],
 ) -> Result<HashMap<(Uuid, String), i64>, sqlx::Error> {
@@ -840,7 +991,7 @@ async fn hot_accounts(
     }
     let rows: Vec<(i64, Uuid, String)> =
         sqlx::query_as("SELECT id, owner_id, asset FROM accounts WHERE is_hot")
-            .fetch_all(&mut **transaction)
+            .fetch_all(&mut *connection)
             .await?;
     let loaded: HashMap<(Uuid, String), i64> = rows
         .into_iter()
@@ -1130,7 +1281,7 @@ fn decide_referrer_bonus(
 /// Which receivers of the batch's gifts exist (read without locking: their accounts belong to
 /// their own partition and are only written by the delivery follow-up there).
 async fn existing_receivers(
-    transaction: &mut Transaction<'_, Postgres>,
+    connection: &mut PgConnection,
     new_commands: &[&CommandEnvelope],
 ) -> Result<HashSet<Uuid>, sqlx::Error> {
     let receivers: Vec<Uuid> = new_commands
@@ -1145,7 +1296,7 @@ async fn existing_receivers(
     }
     let found: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE id = ANY($1)")
         .bind(&receivers)
-        .fetch_all(&mut **transaction)
+        .fetch_all(&mut *connection)
         .await?;
     Ok(found.into_iter().collect())
 }
@@ -1166,7 +1317,7 @@ type PostingRow = (Uuid, String, i64, Uuid, String, bool, String, i64);
 
 /// The postings and kind of every journal the batch reverses.
 async fn load_reversed_journals(
-    transaction: &mut Transaction<'_, Postgres>,
+    connection: &mut PgConnection,
     new_commands: &[&CommandEnvelope],
 ) -> Result<ReversalInputs, sqlx::Error> {
     let journals: Vec<Uuid> = new_commands
@@ -1182,7 +1333,7 @@ async fn load_reversed_journals(
     let already: Vec<Uuid> =
         sqlx::query_scalar("SELECT journal_id FROM reversals WHERE journal_id = ANY($1)")
             .bind(&journals)
-            .fetch_all(&mut **transaction)
+            .fetch_all(&mut *connection)
             .await?;
     let rows: Vec<PostingRow> = sqlx::query_as(
         "SELECT p.journal_id, j.kind, p.account_id, a.owner_id, a.owner_kind, a.is_hot, p.asset, p.amount
@@ -1193,7 +1344,7 @@ async fn load_reversed_journals(
          ORDER BY p.id",
     )
     .bind(&journals)
-    .fetch_all(&mut **transaction)
+    .fetch_all(&mut *connection)
     .await?;
     let mut reversed: HashMap<Uuid, (String, Vec<ReversedLeg>)> = HashMap::new();
     for (journal_id, kind, account_id, owner_id, owner_kind, is_hot, asset, amount) in rows {
@@ -1505,10 +1656,13 @@ impl CommandRows {
 
 /// Writes the batch's journals, postings, balances, command results and hot credits in one
 /// statement (data-modifying CTEs, one round trip). Foreign keys are checked at the end of the
-/// statement, so postings may reference journals inserted beside them. Returns the hot credits'
-/// ids for the treasury.
+/// statement, so postings may reference journals inserted beside them. Each changed account is
+/// updated only if its version is still the one read; if any is not, `wallet_require` fails
+/// the whole statement, so nothing of the batch is written. (With the accounts locked that
+/// cannot happen; without, it means another apply changed them after the read.) Returns the
+/// hot credits' ids for the treasury.
 async fn write_batch(
-    transaction: &mut Transaction<'_, Postgres>,
+    connection: &mut PgConnection,
     writes: &Writes,
     books: &Books,
     commands: &CommandRows,
@@ -1521,6 +1675,7 @@ async fn write_batch(
     let account_ids: Vec<i64> = changed.iter().map(|account| account.id).collect();
     let balances: Vec<i64> = changed.iter().map(|account| account.balance).collect();
     let versions: Vec<i64> = changed.iter().map(|account| account.version).collect();
+    let read_versions: Vec<i64> = changed.iter().map(|account| account.read_version).collect();
     let (mut credit_accounts, mut credit_amounts) = (Vec::new(), Vec::new());
     for (account, sums) in &writes.hot_credits {
         for amount in sums.iter().filter(|amount| **amount != 0) {
@@ -1537,19 +1692,22 @@ async fn write_batch(
              SELECT * FROM UNNEST($4::uuid[], $5::int8[], $6::text[], $7::int8[])
          ), balances AS (
              UPDATE accounts AS a SET balance = u.balance, version = u.version
-             FROM UNNEST($8::int8[], $9::int8[], $10::int8[]) AS u(id, balance, version)
-             WHERE a.id = u.id
+             FROM UNNEST($8::int8[], $9::int8[], $10::int8[], $11::int8[]) AS u(id, balance, version, read_version)
+             WHERE a.id = u.id AND a.version = u.read_version
+             RETURNING a.id
          ), results AS (
              INSERT INTO commands (id, principal, kind, fingerprint, partition, outcome, status_code, body, request_id)
              SELECT id, principal, kind, fingerprint, partition, outcome, status_code, body::json, request_id
-             FROM UNNEST($11::uuid[], $12::text[], $13::text[], $14::text[], $15::int4[], $16::text[], $17::int2[], $18::text[], $19::text[])
+             FROM UNNEST($12::uuid[], $13::text[], $14::text[], $15::text[], $16::int4[], $17::text[], $18::int2[], $19::text[], $20::text[])
                   AS t(id, principal, kind, fingerprint, partition, outcome, status_code, body, request_id)
          ), credits AS (
              INSERT INTO hot_credits (account_id, amount)
-             SELECT * FROM UNNEST($20::int8[], $21::int8[])
+             SELECT * FROM UNNEST($21::int8[], $22::int8[])
              RETURNING id
          )
-         SELECT id FROM credits",
+         SELECT ARRAY(SELECT id FROM credits)
+         WHERE wallet_require((SELECT count(*) FROM balances) = cardinality($8::int8[]),
+                              'an account changed after the batch read it')",
     )
     .bind(&writes.journal_ids)
     .bind(&writes.journal_kinds)
@@ -1561,6 +1719,7 @@ async fn write_batch(
     .bind(&account_ids)
     .bind(&balances)
     .bind(&versions)
+    .bind(&read_versions)
     .bind(&commands.ids)
     .bind(&commands.principals)
     .bind(&commands.kinds)
@@ -1572,12 +1731,12 @@ async fn write_batch(
     .bind(&commands.request_ids)
     .bind(&credit_accounts)
     .bind(&credit_amounts)
-    .fetch_all(&mut **transaction)
+    .fetch_one(&mut *connection)
     .await
 }
 
 async fn write_reversals(
-    transaction: &mut Transaction<'_, Postgres>,
+    connection: &mut PgConnection,
     writes: &Writes,
 ) -> Result<(), sqlx::Error> {
     if writes.reversals.is_empty() {
@@ -1587,13 +1746,13 @@ async fn write_reversals(
     sqlx::query("INSERT INTO reversals (journal_id, reversal_id) SELECT * FROM UNNEST($1::uuid[], $2::uuid[])")
         .bind(&reversed)
         .bind(&reversals)
-        .execute(&mut **transaction)
+        .execute(&mut *connection)
         .await?;
     Ok(())
 }
 
 async fn write_outbox(
-    transaction: &mut Transaction<'_, Postgres>,
+    connection: &mut PgConnection,
     writes: &Writes,
 ) -> Result<Vec<OutboxMessage>, sqlx::Error> {
     if writes.outbox_commands.is_empty() {
@@ -1608,7 +1767,7 @@ async fn write_outbox(
     .bind(&writes.outbox_commands)
     .bind(&writes.outbox_routing_keys)
     .bind(&writes.outbox_payloads)
-    .fetch_all(&mut **transaction)
+    .fetch_all(&mut *connection)
     .await?;
     Ok(rows
         .into_iter()

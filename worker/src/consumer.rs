@@ -23,7 +23,7 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{ApplyContext, BatchResult, OutboxMessage, PartitionBatch, apply_batch};
+use crate::apply::{ApplyContext, BatchResult, OutboxMessage, PartitionBatch, apply};
 use crate::group::{Answered, GroupAnswer, GroupCommit};
 use crate::nudges::Nudges;
 use crate::replies::{ReplyBatch, ReplyTarget};
@@ -442,14 +442,11 @@ impl PartitionConsumer {
     }
 
     async fn apply_once(&self, envelopes: &[CommandEnvelope]) -> Result<BatchResult, sqlx::Error> {
-        let mut transaction = self.pool.begin().await?;
         let batch = PartitionBatch {
             partition: self.partition,
             envelopes,
         };
-        let result = apply_batch(&mut transaction, &[batch], &self.context).await?;
-        transaction.commit().await?;
-        Ok(result)
+        apply(&self.pool, &[batch], &self.context).await
     }
 
     /// Sets a command aside in the dead-letter queue, with the reason and the queue it came

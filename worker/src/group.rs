@@ -28,7 +28,7 @@ use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::apply::{ApplyContext, BatchResult, PartitionBatch, apply_batch};
+use crate::apply::{ApplyContext, BatchResult, PartitionBatch, apply};
 use crate::consumer::publish_follow_up;
 use crate::nudges::Nudges;
 use crate::replies::{ReplyBatch, ReplyTarget};
@@ -399,6 +399,7 @@ impl Running {
             outbox,
             hot_credit_ids,
             applied_request_ids,
+            locked: _,
         } = result;
         // Committed. What fails from here fails the connection: the partitions are answered
         // with ApplyAlone (their requests are dropped), their redelivered commands are
@@ -469,10 +470,7 @@ impl Running {
     }
 
     async fn apply_once(&self, batches: &[PartitionBatch<'_>]) -> Result<BatchResult, sqlx::Error> {
-        let mut transaction = self.committers.pool.begin().await?;
-        let result = apply_batch(&mut transaction, batches, &self.committers.context).await?;
-        transaction.commit().await?;
-        Ok(result)
+        apply(&self.committers.pool, batches, &self.committers.context).await
     }
 }
 

@@ -10,7 +10,7 @@ use serde_json::Value;
 use shared::wire::{COMMAND_VERSION, Command, CommandEnvelope};
 use sqlx::PgPool;
 use uuid::Uuid;
-use worker::apply::{ApplyContext, PartitionBatch, apply_batch};
+use worker::apply::{ApplyContext, PartitionBatch, apply, apply_batch};
 
 const PLAYERS: usize = 40;
 const COMMANDS: usize = 1_500;
@@ -149,24 +149,40 @@ struct Books {
 /// One transaction: the batches of one or more partitions, applied together.
 type Transaction = Vec<(u16, Vec<CommandEnvelope>)>;
 
-async fn apply_stream(stream: &[CommandEnvelope], batch_size: usize) -> Books {
+/// How the test applies each transaction's batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// `apply_batch` in a transaction, with the accounts locked, and one commit.
+    Locked,
+    /// `apply`, the committers' entry: unlocked and version-checked where it can be.
+    Entry,
+}
+
+async fn apply_stream(stream: &[CommandEnvelope], batch_size: usize, path: Path) -> Applied {
     let transactions: Vec<Transaction> = stream
         .chunks(batch_size)
         .map(|chunk| vec![(0, chunk.to_vec())])
         .collect();
-    apply_transactions(&transactions, 1).await
+    apply_transactions(&transactions, 1, path).await
 }
 
-/// Applies each transaction's batches with one `apply_batch` call and one commit, and returns
-/// the books, the replies in input order, and checks that every command row records the
-/// partition of the batch that decided it.
-async fn apply_transactions(transactions: &[Transaction], partitions: u16) -> Books {
+/// The books a run left, and how many of its transactions went the unlocked way.
+struct Applied {
+    books: Books,
+    unlocked: usize,
+}
+
+/// Applies each transaction's batches with one call along `path`, and returns the books, the
+/// replies in input order, and checks that every command row records the partition of the
+/// batch that decided it.
+async fn apply_transactions(transactions: &[Transaction], partitions: u16, path: Path) -> Applied {
     let config = shared::testing::isolated_config(1);
     let pool = shared::db::bootstrap_with_planner(&config, shared::db::Planner::PointLookups)
         .await
         .expect("database");
     let context = ApplyContext::new(partitions);
     let mut replies = Vec::new();
+    let mut unlocked = 0;
     let mut decided_in: BTreeMap<Uuid, i32> = BTreeMap::new();
     for batches in transactions {
         let batches: Vec<PartitionBatch<'_>> = batches
@@ -176,11 +192,22 @@ async fn apply_transactions(transactions: &[Transaction], partitions: u16) -> Bo
                 envelopes,
             })
             .collect();
-        let mut transaction = pool.begin().await.unwrap();
-        let result = apply_batch(&mut transaction, &batches, &context)
-            .await
-            .expect("batch applies");
-        transaction.commit().await.unwrap();
+        let result = match path {
+            Path::Locked => {
+                let mut transaction = pool.begin().await.unwrap();
+                let result = apply_batch(&mut transaction, &batches, &context)
+                    .await
+                    .expect("batch applies");
+                transaction.commit().await.unwrap();
+                result
+            }
+            Path::Entry => apply(&pool, &batches, &context)
+                .await
+                .expect("batch applies"),
+        };
+        if !result.locked {
+            unlocked += 1;
+        }
         for batch in &batches {
             for envelope in batch.envelopes {
                 decided_in
@@ -209,7 +236,7 @@ async fn apply_transactions(transactions: &[Transaction], partitions: u16) -> Bo
     let books = read_books(&pool, replies).await;
     pool.close().await;
     shared::testing::drop_database(&config.database_url).await;
-    books
+    Applied { books, unlocked }
 }
 
 async fn read_books(pool: &PgPool, replies: Vec<(Uuid, u16, Value, bool)>) -> Books {
@@ -282,9 +309,11 @@ async fn read_books(pool: &PgPool, replies: Vec<(Uuid, u16, Value, bool)>) -> Bo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_and_one_by_one_give_identical_books_and_results() {
     let stream = command_stream(7);
-    let one_by_one = apply_stream(&stream, 1).await;
-    let batched = apply_stream(&stream, 64).await;
-    let whole = apply_stream(&stream, stream.len()).await;
+    let one_by_one = apply_stream(&stream, 1, Path::Locked).await.books;
+    let batched = apply_stream(&stream, 64, Path::Locked).await.books;
+    let whole = apply_stream(&stream, stream.len(), Path::Locked)
+        .await
+        .books;
 
     // The stream exercises what it should.
     let statuses: Vec<u16> = one_by_one.replies.iter().map(|reply| reply.1).collect();
@@ -398,17 +427,73 @@ async fn grouped_partitions_give_identical_books_and_results() {
         })
         .collect();
 
-    let single = apply_transactions(&one_by_one, PARTITIONS).await;
-    let together = apply_transactions(&grouped, PARTITIONS).await;
+    let single = apply_transactions(&one_by_one, PARTITIONS, Path::Locked)
+        .await
+        .books;
     assert!(
         single.replies.iter().any(|reply| reply.3),
         "the stream has redeliveries"
     );
-    for (index, (single, together)) in single.replies.iter().zip(&together.replies).enumerate() {
+    for path in [Path::Locked, Path::Entry] {
+        let Applied {
+            books: together,
+            unlocked,
+        } = apply_transactions(&grouped, PARTITIONS, path).await;
+        // Most rounds hold a gift, a reversal or a redelivery somewhere, which goes locked.
+        assert!(
+            path == Path::Locked || unlocked > 0,
+            "some grouped transactions went unlocked"
+        );
+        for (index, (single, together)) in single.replies.iter().zip(&together.replies).enumerate()
+        {
+            assert_eq!(
+                single, together,
+                "{path:?}: the first differing reply is number {index}"
+            );
+        }
+        assert_eq!(single, together, "{path:?}: books with grouped partitions");
+    }
+}
+
+/// The committers' entry (unlocked and version-checked where it can be, locked otherwise)
+/// gives the same books and replies as the locked path one command at a time, whatever the
+/// batch size, and takes the unlocked way for most batches of a stream that is mostly top-ups
+/// and purchases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlocked_applies_give_identical_books_and_results() {
+    let stream = command_stream(13);
+    let one_by_one = apply_stream(&stream, 1, Path::Locked).await.books;
+    for batch_size in [1, 8, 64] {
+        let entry = apply_stream(&stream, batch_size, Path::Entry).await;
+        let batches = stream.len().div_ceil(batch_size);
+        if batch_size == 1 {
+            // Signups, gifts, reversals, redeliveries and commands for unknown players go locked.
+            assert!(
+                entry.unlocked > batches / 2,
+                "{} of {batches} single commands went unlocked",
+                entry.unlocked
+            );
+        } else {
+            assert!(
+                entry.unlocked > 0,
+                "some batches of {batch_size} went unlocked"
+            );
+        }
+        for (index, (single, entry)) in one_by_one
+            .replies
+            .iter()
+            .zip(&entry.books.replies)
+            .enumerate()
+        {
+            assert_eq!(
+                single, entry,
+                "batches of {batch_size}: the first differing reply is number {index}: {:?}",
+                stream[index].command
+            );
+        }
         assert_eq!(
-            single, together,
-            "the first differing reply is number {index}"
+            one_by_one, entry.books,
+            "books with batches of {batch_size}"
         );
     }
-    assert_eq!(single, together, "books with grouped partitions");
 }
