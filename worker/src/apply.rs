@@ -12,12 +12,13 @@
 //! 4. decide each command in order (overdraft checks, checked arithmetic, postings);
 //! 5. write journals, postings, balances, hot credits, command results and outbox rows.
 //!
-//! Most batches (top-ups, bonuses, purchases of players with accounts, nothing redelivered) need
-//! only steps 1, 4 and 5. `apply` runs those without a transaction (`apply_unlocked`): step 1
-//! without locks, and step 5 as one statement that commits on its own and updates an account only
-//! if its version is still the one step 1 read, failing as a whole otherwise. That is two round
-//! trips instead of four and no row locks, for the same result; anything else, or a failed
-//! write, goes the locked path.
+//! A batch without signups, gifts or reversals needs neither the transaction nor the locks.
+//! `apply` runs such a batch without a transaction (`apply_unlocked`): step 1 without locks;
+//! step 3, when an account is missing, committing the new empty accounts at once (harmless:
+//! they change no balance); and step 5 as one statement that commits on its own and updates an
+//! account only if its version is still the one read, failing as a whole otherwise. That is two
+//! round trips instead of four and no row locks, for the same result. Anything else, or a
+//! failed write, goes the locked path.
 
 use std::collections::{HashMap, HashSet};
 
@@ -290,10 +291,11 @@ fn can_apply_unlocked(batches: &[PartitionBatch<'_>]) -> bool {
 
 /// Applies the batches like `apply_batch`, but with no transaction: one unlocked read, then one
 /// write statement that commits on its own and checks the versions of the accounts it changes.
-/// Returns `None`, having written nothing, when the batch turns out to need the locked path
-/// (a redelivery, a missing account, a follow-up owed). An error means nothing was written
-/// either: the statement failed as a whole, for instance because an account changed after the
-/// read (SQLSTATE 40001) or another apply stored the same command id first.
+/// Missing accounts are created (and commit) before the write, as empty accounts. Returns
+/// `None`, having written nothing else, when the batch turns out to owe a follow-up or a
+/// reversal, which the locked path writes. An error means nothing but such accounts was
+/// written either: the write failed as a whole, for instance because an account changed after
+/// the read (SQLSTATE 40001) or another apply stored the same command id first.
 pub async fn apply_unlocked(
     connection: &mut PgConnection,
     batches: &[PartitionBatch<'_>],
@@ -388,10 +390,6 @@ async fn apply_with(
         .unzip();
 
     let replayed_ids: Vec<Uuid> = stored.keys().copied().collect();
-    if !replayed_ids.is_empty() && locking == Locking::Versions {
-        // A redelivery may owe follow-ups, read and republished in the locked path.
-        return Ok(None);
-    }
     if !replayed_ids.is_empty() {
         // A redelivered command republishes whatever it still owes.
         let owed: Vec<(i64, String, Json<Value>)> = sqlx::query_as(
@@ -448,10 +446,10 @@ async fn apply_with(
         .into_iter()
         .filter(|key| !accounts.contains_key(key))
         .collect();
-    if !missing.is_empty() && locking == Locking::Versions {
-        return Ok(None);
-    }
     if !missing.is_empty() {
+        // Unlocked, the new accounts commit at once, before the batch: harmless, since an
+        // empty account of an existing player in an existing asset changes no balance, and
+        // creating it again does nothing.
         create_accounts(connection, &missing).await?;
         let mut again: Vec<Uuid> = missing.iter().map(|(player, _)| *player).collect();
         again.sort_unstable();
