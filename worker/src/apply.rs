@@ -350,8 +350,8 @@ pub async fn apply(
 }
 
 /// `apply_batch` and `apply_unlocked`: read, decide in order, write. With `Locking::Versions`
-/// it returns `None` before writing anything when the batch needs more than one read and one
-/// write statement.
+/// it returns `None` when the batch owes a follow-up message or a reversal, having written
+/// nothing but empty accounts, so that the locked path writes those beside the batch.
 async fn apply_with(
     connection: &mut PgConnection,
     batches: &[PartitionBatch<'_>],
