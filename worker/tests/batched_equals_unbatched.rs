@@ -177,6 +177,8 @@ struct Applied {
 /// batch that decided it.
 async fn apply_transactions(transactions: &[Transaction], partitions: u16, path: Path) -> Applied {
     let config = shared::testing::isolated_config(1);
+    // Drops the database even if an assertion below fails.
+    let mut cleanup = shared::testing::Cleanup::new(&config);
     let pool = shared::db::bootstrap_with_planner(&config, shared::db::Planner::PointLookups)
         .await
         .expect("database");
@@ -235,7 +237,7 @@ async fn apply_transactions(transactions: &[Transaction], partitions: u16, path:
     }
     let books = read_books(&pool, replies).await;
     pool.close().await;
-    shared::testing::drop_database(&config.database_url).await;
+    cleanup.run().await;
     Applied { books, unlocked }
 }
 

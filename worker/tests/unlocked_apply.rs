@@ -111,6 +111,8 @@ async fn while_locked_by_top_up<T: Send + 'static>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_account_fails_the_unlocked_write_and_the_entry_applies_it_locked() {
     let config = shared::testing::isolated_config(1);
+    // Drops the database even if an assertion below fails.
+    let mut cleanup = shared::testing::Cleanup::new(&config);
     let pool = shared::db::bootstrap(&config).await.expect("database");
     let context = ApplyContext::new(1);
     let signup = envelope(
@@ -209,5 +211,5 @@ async fn a_changed_account_fails_the_unlocked_write_and_the_entry_applies_it_loc
     assert_eq!(gems(&pool).await.0, before + 10 - 2 * price);
 
     pool.close().await;
-    shared::testing::drop_database(&config.database_url).await;
+    cleanup.run().await;
 }

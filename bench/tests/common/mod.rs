@@ -18,7 +18,8 @@ pub const JWT_SECRET: &str = "bench-smoke-secret-0123456789abcdef";
 pub struct Running {
     pub target: Target,
     pub pool: PgPool,
-    pub database_url: String,
+    /// Drops the database and deletes the queues, at `stop` or, if a test fails first, on drop.
+    cleanup: shared::testing::Cleanup,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -33,7 +34,8 @@ impl Running {
                 .expect("a process ended cleanly");
         }
         self.pool.close().await;
-        shared::testing::drop_database(&self.database_url).await;
+        let mut cleanup = self.cleanup;
+        cleanup.run().await;
     }
 }
 
@@ -77,7 +79,7 @@ pub async fn start_system() -> Running {
             jwt_secret: Some(JWT_SECRET.to_string()),
         },
         pool,
-        database_url: common.database_url.clone(),
+        cleanup: shared::testing::Cleanup::new(&common),
         shutdown,
         tasks,
     };
@@ -111,7 +113,7 @@ pub async fn start_baseline() -> Running {
             jwt_secret: Some(JWT_SECRET.to_string()),
         },
         pool,
-        database_url: common.database_url,
+        cleanup: shared::testing::Cleanup::new(&common),
         shutdown,
         tasks: vec![task],
     };
