@@ -7,6 +7,8 @@ use shared::domain::{GEMS, TREASURY_OWNER_ID};
 #[tokio::test]
 async fn the_audit_finds_postings_without_their_account() {
     let config = shared::testing::isolated_config(1);
+    // Drops the database even if an assertion below fails.
+    let mut cleanup = shared::testing::Cleanup::new(&config);
     let pool = shared::db::bootstrap(&config).await.expect("database");
     let report = shared::audit::run(&pool).await.expect("audit ran");
     assert!(report.passed, "a fresh database passes");
@@ -37,12 +39,14 @@ async fn the_audit_finds_postings_without_their_account() {
     assert!(!check.passed);
     assert_eq!(check.violations, 2, "{:?}", check.figures);
     pool.close().await;
-    shared::testing::drop_database(&config.database_url).await;
+    cleanup.run().await;
 }
 
 #[tokio::test]
 async fn the_audit_finds_postings_without_their_journal_entry() {
     let config = shared::testing::isolated_config(1);
+    // Drops the database even if an assertion below fails.
+    let mut cleanup = shared::testing::Cleanup::new(&config);
     let pool = shared::db::bootstrap(&config).await.expect("database");
     let treasury = treasury_gems_account(&pool).await;
     // Two balanced legs on an existing account of their asset (refused by no foreign key now),
@@ -65,7 +69,7 @@ async fn the_audit_finds_postings_without_their_journal_entry() {
         .expect("the check runs");
     assert_eq!(check.violations, 2, "{:?}", check.figures);
     pool.close().await;
-    shared::testing::drop_database(&config.database_url).await;
+    cleanup.run().await;
 }
 
 async fn treasury_gems_account(pool: &sqlx::PgPool) -> i64 {
