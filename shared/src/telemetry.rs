@@ -1,3 +1,5 @@
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 /// Installs the global tracing subscriber. `RUST_LOG` overrides the default level (info).
@@ -11,7 +13,11 @@ pub fn init(log_format: &str) {
             .with(fmt::layer().json().with_current_span(true))
             .try_init()
     } else {
-        registry.with(fmt::layer()).try_init()
+        // Colours only on a terminal: a log file or a pipe gets plain text, which is both
+        // readable there and cheaper to write (the escape codes were formatted into every span).
+        registry
+            .with(fmt::layer().with_ansi(std::io::stdout().is_terminal()))
+            .try_init()
     };
     // A subscriber may already be installed (tests start several services in one process).
     drop(result);
