@@ -38,9 +38,13 @@ const CONFIRM_TIMEOUT_MS: u64 = 5_000;
 /// it keeps one message far below the broker's frame and message limits.
 const PUBLISH_BATCH_BYTES_MAX: usize = 1024 * 1024;
 
+/// A worker's reply as the gateway holds it: the body is passed on to the client as the worker
+/// wrote it, never parsed.
+pub type Reply = CommandReply<Box<serde_json::value::RawValue>>;
+
 pub enum PublishOutcome {
     /// The worker answered in time.
-    Replied(CommandReply),
+    Replied(Reply),
     /// Confirmed by the broker, but no answer within the reply timeout: the command is
     /// accepted and will be applied; its status can be polled.
     Accepted,
@@ -54,7 +58,7 @@ struct Live {
 pub struct Publisher {
     topology: Topology,
     live: RwLock<Option<Arc<Live>>>,
-    pending: Mutex<HashMap<String, oneshot::Sender<CommandReply>>>,
+    pending: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
     in_flight: Semaphore,
     channels: usize,
     /// Most commands in one message.
@@ -340,7 +344,7 @@ impl Publisher {
         }
     }
 
-    fn dispatch(&self, correlation_id: &str, reply: CommandReply) {
+    fn dispatch(&self, correlation_id: &str, reply: Reply) {
         let sender = self
             .pending
             .lock()
@@ -452,7 +456,7 @@ impl Publisher {
                         next = replies.next() => next,
                     };
                     let Some(Ok(delivery)) = next else { return };
-                    match shared::wire::decode_replies(
+                    match shared::wire::decode_replies::<Box<serde_json::value::RawValue>>(
                         delivery.properties.kind().as_ref().map(ShortString::as_str),
                         delivery
                             .properties

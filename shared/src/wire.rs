@@ -109,13 +109,17 @@ impl Command {
 }
 
 /// The worker's answer to one command, sent to the gateway's reply queue.
+///
+/// `Body` is how the body is held: a `serde_json::Value` where it is built or inspected (the
+/// worker, tests), a `Box<RawValue>` where it is only passed on (the gateway, which sends it
+/// to the client as it came, without parsing it into a tree and printing it again).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CommandReply {
+pub struct CommandReply<Body = serde_json::Value> {
     pub command_id: Uuid,
     /// The HTTP status the client gets.
     pub status: u16,
     /// The HTTP body the client gets.
-    pub body: serde_json::Value,
+    pub body: Body,
     /// True when this is the stored result of an earlier delivery of the same command.
     pub replay: bool,
 }
@@ -128,29 +132,30 @@ pub const REPLIES_VERSION: u32 = 1;
 
 /// One reply and the correlation id of the request it answers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AddressedReply {
+pub struct AddressedReply<Body = serde_json::Value> {
     pub correlation_id: String,
-    pub reply: CommandReply,
+    pub reply: CommandReply<Body>,
 }
 
 /// The replies of one batch to one reply queue, in one message: a batch's commands mostly come
 /// from a few gateway channels, and one message per channel costs the broker far less than one
 /// per command.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CommandReplies {
+pub struct CommandReplies<Body = serde_json::Value> {
     /// See [`REPLIES_VERSION`].
     pub v: u32,
-    pub replies: Vec<AddressedReply>,
+    pub replies: Vec<AddressedReply<Body>>,
 }
 
-/// Reads a reply message, batched or single, into (correlation id, reply) pairs.
-pub fn decode_replies(
+/// Reads a reply message, batched or single, into (correlation id, reply) pairs, with each body
+/// held as `Body` (see [`CommandReply`]).
+pub fn decode_replies<Body: serde::de::DeserializeOwned>(
     message_type: Option<&str>,
     correlation_id: Option<&str>,
     data: &[u8],
-) -> Result<Vec<(String, CommandReply)>, String> {
+) -> Result<Vec<(String, CommandReply<Body>)>, String> {
     if message_type == Some(REPLIES_MESSAGE_TYPE) {
-        let batch: CommandReplies =
+        let batch: CommandReplies<Body> =
             serde_json::from_slice(data).map_err(|error| format!("unreadable replies: {error}"))?;
         return Ok(batch
             .replies
@@ -159,7 +164,7 @@ pub fn decode_replies(
             .collect());
     }
     let correlation_id = correlation_id.ok_or("a reply without a correlation id")?;
-    let reply: CommandReply =
+    let reply: CommandReply<Body> =
         serde_json::from_slice(data).map_err(|error| format!("unreadable reply: {error}"))?;
     Ok(vec![(correlation_id.to_string(), reply)])
 }
@@ -359,8 +364,23 @@ mod tests {
             decode_replies(None, Some("c"), &single).expect("decoded"),
             vec![("c".to_string(), reply(200))]
         );
-        assert!(decode_replies(None, None, &single).is_err());
-        assert!(decode_replies(Some(REPLIES_MESSAGE_TYPE), None, b"not json").is_err());
+        assert!(decode_replies::<serde_json::Value>(None, None, &single).is_err());
+        assert!(
+            decode_replies::<serde_json::Value>(Some(REPLIES_MESSAGE_TYPE), None, b"not json")
+                .is_err()
+        );
+        // Read with raw bodies (as the gateway does), each body is the very text the worker's
+        // serialization of its `Value` wrote, so passing it on sends the client the same bytes.
+        let raw: Vec<(String, CommandReply<Box<serde_json::value::RawValue>>)> =
+            decode_replies(Some(REPLIES_MESSAGE_TYPE), None, &data).expect("decoded");
+        for ((correlation_id, raw_reply), (expected_id, expected)) in raw.iter().zip(&decoded) {
+            assert_eq!(correlation_id, expected_id);
+            assert_eq!(raw_reply.status, expected.status);
+            assert_eq!(
+                raw_reply.body.get(),
+                serde_json::to_string(&expected.body).expect("encoded")
+            );
+        }
     }
 
     fn top_up(amount: i64) -> CommandEnvelope {
