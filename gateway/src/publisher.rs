@@ -456,7 +456,7 @@ impl Publisher {
                         next = replies.next() => next,
                     };
                     let Some(Ok(delivery)) = next else { return };
-                    match shared::wire::decode_replies::<Box<serde_json::value::RawValue>>(
+                    match shared::wire::decode_replies(
                         delivery.properties.kind().as_ref().map(ShortString::as_str),
                         delivery
                             .properties
