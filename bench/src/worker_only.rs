@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::value::RawValue;
-use shared::broker::{DELIVERY_MODE_PERSISTENT, Topology};
+use shared::broker::{DELIVERY_MODE_PERSISTENT, QueueDepthProbe, Topology};
 use shared::config::CommonConfig;
 use shared::ids;
 use shared::partition::partition_of;
@@ -32,8 +32,11 @@ use crate::seed::seed_players;
 
 /// Publishes awaiting the broker's confirm at once.
 pub const PUBLISH_CONFIRMS_IN_FLIGHT_MAX: usize = 2_000;
-/// Pause between two counts of `commands` while the workers apply.
+/// Pause between two looks at the progress (queue depths, then counts of `commands`) while the
+/// workers apply.
 const APPLY_POLL_MS: u64 = 200;
+/// Longest one look at the partition queues' depths may take, connecting included.
+const QUEUE_DEPTH_TIMEOUT_MS: u64 = 2_000;
 /// Queues of this run expire this long after their last consumer left.
 const QUEUE_EXPIRES_MS: u32 = 300_000;
 /// Most commands one run may publish.
@@ -235,8 +238,29 @@ async fn run_inner(
         bar
     };
     let deadline = apply_started + Duration::from_secs(args.timeout_s);
+    let topology = Topology::from_config(common);
+    let mut probe = QueueDepthProbe::new(&common.amqp_url, "bench worker-only depths");
+    let probe_timeout = Duration::from_millis(QUEUE_DEPTH_TIMEOUT_MS);
     let applied_wall_s = loop {
         children.check_alive()?;
+        // Counting the rows of `commands` is a sequential scan of a table that grows to every
+        // command (at 200,000 rows about 50 ms of PostgreSQL's CPU, in parallel workers), which
+        // the polling would take from the worker it measures. While the partition queues still
+        // hold messages not yet delivered, the count cannot have reached the total, so only the
+        // broker is asked; the rows are counted once the queues are empty (or the broker does
+        // not answer).
+        let ready = partition_messages_ready(&mut probe, &topology, probe_timeout).await;
+        if let Some(ready) = ready.filter(|ready| *ready > 0) {
+            let waiting = ready.saturating_mul(u64::from(args.commands_per_message));
+            bar.set_position(u64::try_from(commands).unwrap_or(0).saturating_sub(waiting));
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{ready} messages were still waiting in the partition queues after {} s",
+                args.timeout_s
+            );
+            tokio::time::sleep(Duration::from_millis(APPLY_POLL_MS)).await;
+            continue;
+        }
         let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM commands")
             .fetch_one(&pool)
             .await?;
@@ -310,6 +334,22 @@ async fn run_inner(
     write_json(&path, &result)?;
     println!("JSON written to {}", path.display());
     Ok(result)
+}
+
+/// Messages waiting in the run's partition queues, not yet delivered to a worker (the broker
+/// counts a delivered message that is not acknowledged yet apart). None when the broker did not
+/// answer in time or a queue is missing.
+async fn partition_messages_ready(
+    probe: &mut QueueDepthProbe,
+    topology: &Topology,
+    timeout: Duration,
+) -> Option<u64> {
+    let depths = probe.sample(topology, timeout, timeout).await.ok()?;
+    depths
+        .iter()
+        .filter(|depth| depth.kind == "partition")
+        .map(|depth| depth.messages.map(u64::from))
+        .sum()
 }
 
 /// Publishes the commands to their partition queues, at most
