@@ -198,6 +198,9 @@ pub struct CompareResult {
     pub sweep: Vec<SweepPoint>,
     pub audit_passed_system: Option<bool>,
     pub audit_passed_baseline: Option<bool>,
+    /// Whether this run started the system itself (then `workers` and `partitions` are its
+    /// settings; against `--system-url` they say nothing about the target).
+    pub system_spawned: bool,
     pub workers: u32,
     pub partitions: u16,
     pub log_dir: String,
@@ -522,6 +525,7 @@ async fn run_inner(
         sweep,
         audit_passed_system: audits[0],
         audit_passed_baseline: audits[1],
+        system_spawned: args.system_url.is_none(),
         workers: args.workers,
         partitions: args.partitions,
         log_dir: children.log_dir().display().to_string(),
@@ -572,6 +576,14 @@ fn print_result(result: &CompareResult) {
         verdict(result.audit_passed_system),
         verdict(result.audit_passed_baseline)
     );
+    if result.system_spawned {
+        // The partitions and workers change the figures as much as the machine does (see
+        // BENCHMARKS.md), so every printed result says which it ran with.
+        println!(
+            "system: partitions {}, worker processes {}",
+            result.partitions, result.workers
+        );
+    }
     println!(
         "machine: {} CPUs ({}), {:.1} GiB, kernel {}, CPU reference {:.1} ms",
         result.machine.cpus,
