@@ -203,8 +203,9 @@ async fn run_inner(
     let player_ids: Vec<Uuid> = players.iter().map(|player| player.id).collect();
 
     println!("publishing {} commands with confirms", args.commands);
+    let topology = Topology::from_config(common);
     let publish_started = Instant::now();
-    publish_commands(args, common, &player_ids).await?;
+    publish_commands(args, common, &topology, &player_ids).await?;
     let publish_s = publish_started.elapsed().as_secs_f64();
 
     let environment = vec![
@@ -238,7 +239,6 @@ async fn run_inner(
         bar
     };
     let deadline = apply_started + Duration::from_secs(args.timeout_s);
-    let topology = Topology::from_config(common);
     let mut probe = QueueDepthProbe::new(&common.amqp_url, "bench worker-only depths");
     let probe_timeout = Duration::from_millis(QUEUE_DEPTH_TIMEOUT_MS);
     let applied_wall_s = loop {
@@ -250,27 +250,23 @@ async fn run_inner(
         // broker is asked; the rows are counted once the queues are empty (or the broker does
         // not answer).
         let ready = partition_messages_ready(&mut probe, &topology, probe_timeout).await;
-        if let Some(ready) = ready.filter(|ready| *ready > 0) {
+        let shortfall = if let Some(ready) = ready.filter(|ready| *ready > 0) {
             let waiting = ready.saturating_mul(u64::from(args.commands_per_message));
             bar.set_position(u64::try_from(commands).unwrap_or(0).saturating_sub(waiting));
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "{ready} messages were still waiting in the partition queues after {} s",
-                args.timeout_s
-            );
-            tokio::time::sleep(Duration::from_millis(APPLY_POLL_MS)).await;
-            continue;
-        }
-        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM commands")
-            .fetch_one(&pool)
-            .await?;
-        bar.set_position(u64::try_from(applied).unwrap_or(0));
-        if applied >= commands {
-            break apply_started.elapsed().as_secs_f64();
-        }
+            format!("{ready} messages were still waiting in the partition queues")
+        } else {
+            let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM commands")
+                .fetch_one(&pool)
+                .await?;
+            bar.set_position(u64::try_from(applied).unwrap_or(0));
+            if applied >= commands {
+                break apply_started.elapsed().as_secs_f64();
+            }
+            format!("only {applied} of {commands} commands were applied")
+        };
         anyhow::ensure!(
             Instant::now() < deadline,
-            "only {applied} of {commands} commands were applied within {} s",
+            "{shortfall} within {} s",
             args.timeout_s
         );
         tokio::time::sleep(Duration::from_millis(APPLY_POLL_MS)).await;
@@ -347,7 +343,7 @@ async fn partition_messages_ready(
     let depths = probe.sample(topology, timeout, timeout).await.ok()?;
     depths
         .iter()
-        .filter(|depth| depth.kind == "partition")
+        .filter(|depth| depth.partition.is_some())
         .map(|depth| depth.messages.map(u64::from))
         .sum()
 }
@@ -357,9 +353,9 @@ async fn partition_messages_ready(
 async fn publish_commands(
     args: &WorkerOnlyArgs,
     common: &CommonConfig,
+    topology: &Topology,
     players: &[Uuid],
 ) -> anyhow::Result<()> {
-    let topology = Topology::from_config(common);
     let connection = shared::broker::connect(&common.amqp_url, "bench worker-only")
         .await
         .context("connecting to RabbitMQ")?;
