@@ -12,12 +12,14 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
 
 use crate::report::round3;
+use crate::trace::{EventKind, Trace};
 
 /// Time between two probe flushes. A stall longer than this is always caught.
 pub const PROBE_INTERVAL_MS: u64 = 50;
@@ -63,16 +65,23 @@ pub fn spawn(
     series_start: Instant,
     window_start: Instant,
     window_end: Instant,
+    trace: Option<Arc<Trace>>,
 ) -> tokio::task::JoinHandle<Option<DiskProbe>> {
-    tokio::task::spawn_blocking(
-        move || match probe(&dir, series_start, window_start, window_end) {
+    tokio::task::spawn_blocking(move || {
+        match probe(
+            &dir,
+            series_start,
+            window_start,
+            window_end,
+            trace.as_deref(),
+        ) {
             Ok(report) => Some(report),
             Err(error) => {
                 tracing::warn!(dir = %dir.display(), error = format!("{error:#}"), "disk probe failed; the run goes on without it");
                 None
             }
-        },
-    )
+        }
+    })
 }
 
 fn probe(
@@ -80,6 +89,7 @@ fn probe(
     series_start: Instant,
     window_start: Instant,
     window_end: Instant,
+    trace: Option<&Trace>,
 ) -> anyhow::Result<DiskProbe> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!(".disk-probe-{}", uuid::Uuid::new_v4().simple()));
@@ -88,7 +98,7 @@ fn probe(
         .create_new(true)
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
-    let result = probe_file(&file, series_start, window_start, window_end);
+    let result = probe_file(&file, series_start, window_start, window_end, trace);
     drop(file);
     let _ = std::fs::remove_file(&path);
     let (flushes, by_second_ms) = result.with_context(|| format!("flushing {}", path.display()))?;
@@ -110,6 +120,7 @@ fn probe_file(
     series_start: Instant,
     window_start: Instant,
     window_end: Instant,
+    trace: Option<&Trace>,
 ) -> std::io::Result<(u64, Vec<f64>)> {
     let second_of =
         |at: Instant| usize::try_from(at.saturating_duration_since(series_start).as_secs());
@@ -132,7 +143,11 @@ fn probe_file(
         let offset = (flushes % PROBE_PAGES) * PROBE_BYTES as u64;
         file.write_all_at(&page, offset)?;
         file.sync_data()?;
-        let took_ms = started.elapsed().as_secs_f64() * 1_000.0;
+        let took = started.elapsed();
+        if let Some(trace) = trace {
+            trace.record(EventKind::Flush, started, took, 0);
+        }
+        let took_ms = took.as_secs_f64() * 1_000.0;
         if let Some(slowest) = second_of(started)
             .ok()
             .and_then(|second| by_second_ms.get_mut(second))

@@ -16,6 +16,7 @@ use crate::cpu::{CpuSnapshot, CpuUse};
 use crate::http1::Http1Client;
 use crate::report::{Outcome, Recorder, Report, RunMeta, process_cpu_seconds};
 use crate::scenario::{Mode, PlannedRequest, Prepared, ScenarioArgs, Target, new_run_id};
+use crate::trace::{EventKind, Trace, trace_path};
 
 /// How often the progress bar is redrawn.
 const PROGRESS_TICK_MS: u64 = 250;
@@ -69,6 +70,26 @@ impl Sender {
     }
 }
 
+/// Where a measured request's outcome goes: the report's recorder and, with `--trace-dir`, the
+/// trace.
+struct Sink {
+    recorder: Arc<Recorder>,
+    trace: Option<Arc<Trace>>,
+}
+
+impl Sink {
+    /// Records a request of the window, meant to be sent at `sent_at` and answered at
+    /// `answered_at`.
+    fn record(&self, outcome: Outcome, replayed: bool, sent_at: Instant, answered_at: Instant) {
+        let latency = answered_at - sent_at;
+        if let Some(trace) = &self.trace {
+            trace.record(EventKind::Request, sent_at, latency, outcome.status_code());
+        }
+        self.recorder
+            .record(outcome, replayed, latency, answered_at);
+    }
+}
+
 /// Runs the load against a prepared target and reports the measured window.
 pub async fn measure(
     target: &Target,
@@ -103,6 +124,14 @@ pub async fn measure(
     let window_start = start + warmup;
     let window_end = window_start + duration;
     let progress = progress_bar(args, &target.label, warmup + duration);
+    let trace = args
+        .trace_dir
+        .as_ref()
+        .map(|_| Arc::new(Trace::new(window_start)));
+    let sink = Arc::new(Sink {
+        recorder: Arc::clone(&recorder),
+        trace: trace.clone(),
+    });
     // The machine's CPU by process group over the measured window only (not the warm-up, not
     // the requests still being answered after it).
     let cpu_window = tokio::spawn(async move {
@@ -117,6 +146,7 @@ pub async fn measure(
             recorder.second_start(window_start),
             window_start,
             window_end,
+            trace.clone(),
         )
     });
     let ticker = tokio::spawn(tick_progress(
@@ -130,7 +160,7 @@ pub async fn measure(
             closed_loop(
                 &sender,
                 &prepared,
-                &recorder,
+                &sink,
                 &tag,
                 clients,
                 window_start,
@@ -145,7 +175,7 @@ pub async fn measure(
             open_loop(
                 &sender,
                 &prepared,
-                &recorder,
+                &sink,
                 &tag,
                 rate,
                 outstanding_max,
@@ -195,13 +225,18 @@ pub async fn measure(
     if let Some(disk_probe) = disk_probe {
         report.disk = disk_probe.await.ok().flatten();
     }
+    if let (Some(trace), Some(dir)) = (trace, args.trace_dir.as_ref()) {
+        let path = trace_path(dir, &target.label, mode, &tag);
+        trace.write_csv(&path)?;
+        tracing::info!(path = %path.display(), left_out = trace.left_out(), "trace written");
+    }
     Ok(report)
 }
 
 async fn closed_loop(
     sender: &Arc<Sender>,
     prepared: &Arc<Prepared>,
-    recorder: &Arc<Recorder>,
+    sink: &Arc<Sink>,
     tag: &Arc<str>,
     clients: usize,
     window_start: Instant,
@@ -212,7 +247,7 @@ async fn closed_loop(
     for _ in 0..clients {
         let sender = Arc::clone(sender);
         let prepared = Arc::clone(prepared);
-        let recorder = Arc::clone(recorder);
+        let sink = Arc::clone(sink);
         let sequence = Arc::clone(&sequence);
         let tag = Arc::clone(tag);
         tasks.spawn(async move {
@@ -228,7 +263,7 @@ async fn closed_loop(
                 let (outcome, replayed) = sender.send(request).await;
                 let answered_at = Instant::now();
                 if sent_at >= window_start {
-                    recorder.record(outcome, replayed, answered_at - sent_at, answered_at);
+                    sink.record(outcome, replayed, sent_at, answered_at);
                 }
             }
         });
@@ -240,7 +275,7 @@ async fn closed_loop(
 async fn open_loop(
     sender: &Arc<Sender>,
     prepared: &Arc<Prepared>,
-    recorder: &Arc<Recorder>,
+    sink: &Arc<Sink>,
     tag: &str,
     rate: f64,
     outstanding_max: usize,
@@ -272,19 +307,19 @@ async fn open_loop(
                 Ok(permit) => {
                     let request = prepared.next_request(&mut rng, tag, next);
                     let sender = Arc::clone(sender);
-                    let recorder = Arc::clone(recorder);
+                    let sink = Arc::clone(sink);
                     tasks.spawn(async move {
                         let (outcome, replayed) = sender.send(request).await;
                         let answered_at = Instant::now();
                         if in_window {
-                            recorder.record(outcome, replayed, answered_at - intended, answered_at);
+                            sink.record(outcome, replayed, intended, answered_at);
                         }
                         drop(permit);
                     });
                 }
                 Err(_) => {
                     if in_window {
-                        recorder.record_drop();
+                        sink.recorder.record_drop();
                     }
                 }
             }

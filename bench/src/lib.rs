@@ -14,4 +14,5 @@ pub mod procs;
 pub mod report;
 pub mod scenario;
 pub mod seed;
+pub mod trace;
 pub mod worker_only;

@@ -30,6 +30,16 @@ pub enum Outcome {
     Transport(TransportError),
 }
 
+impl Outcome {
+    /// The HTTP status, or 0 when no answer came.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            Outcome::Status(status) => *status,
+            Outcome::Transport(_) => 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportError {
     Timeout,

@@ -154,6 +154,12 @@ pub struct ScenarioArgs {
     /// Do not probe the disk's flush latency during the measured window.
     #[arg(long)]
     pub no_disk_probe: bool,
+
+    /// Write every request of the measured window (intended send time, latency, status) and every
+    /// flush of the disk probe to a CSV file in this directory, one file per measurement
+    /// (`bench::trace`; at most 4,000,000 rows each).
+    #[arg(long)]
+    pub trace_dir: Option<PathBuf>,
 }
 
 impl ScenarioArgs {
