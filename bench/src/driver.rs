@@ -228,7 +228,12 @@ pub async fn measure(
     if let (Some(trace), Some(dir)) = (trace, args.trace_dir.as_ref()) {
         let path = trace_path(dir, &target.label, mode, &tag);
         trace.write_csv(&path)?;
-        tracing::info!(path = %path.display(), left_out = trace.left_out(), "trace written");
+        tracing::info!(
+            path = %path.display(),
+            window_start = %trace.window_start_utc().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            left_out = trace.left_out(),
+            "trace written"
+        );
     }
     Ok(report)
 }

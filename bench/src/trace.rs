@@ -50,14 +50,23 @@ struct Row {
 #[derive(Debug)]
 pub struct Trace {
     window_start: Instant,
+    /// The window's start on the wall clock, to line the trace up with the services' logs.
+    window_start_utc: chrono::DateTime<chrono::Utc>,
     rows: Mutex<Vec<Row>>,
     left_out: AtomicU64,
 }
 
 impl Trace {
     pub fn new(window_start: Instant) -> Self {
+        let now = Instant::now();
+        let window_start_utc = if window_start >= now {
+            chrono::Utc::now() + (window_start - now)
+        } else {
+            chrono::Utc::now() - (now - window_start)
+        };
         Self {
             window_start,
+            window_start_utc,
             rows: Mutex::new(Vec::new()),
             left_out: AtomicU64::new(0),
         }
@@ -83,6 +92,11 @@ impl Trace {
         } else {
             self.left_out.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The wall-clock time that `at_ms` 0 stands for.
+    pub fn window_start_utc(&self) -> chrono::DateTime<chrono::Utc> {
+        self.window_start_utc
     }
 
     /// Rows that did not fit under [`TRACE_ROWS_MAX`].
