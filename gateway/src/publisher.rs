@@ -295,8 +295,17 @@ impl Publisher {
         };
         match tokio::time::timeout(Duration::from_millis(CONFIRM_TIMEOUT_MS), confirm).await {
             Ok(Ok(Confirmation::Ack(None))) => {
-                metrics::histogram!("wallet_publish_confirm_seconds")
-                    .record(published_at.elapsed().as_secs_f64());
+                let confirm_seconds = published_at.elapsed().as_secs_f64();
+                metrics::histogram!("wallet_publish_confirm_seconds").record(confirm_seconds);
+                // One line a message at debug level (`RUST_LOG=gateway::publisher=debug`), so a
+                // slow stretch can be laid out message by message against a bench trace.
+                tracing::debug!(
+                    partition,
+                    commands = batch.len(),
+                    bytes = payload.len(),
+                    confirm_ms = confirm_seconds * 1_000.0,
+                    "message confirmed"
+                );
                 true
             }
             Ok(Ok(_)) => false,

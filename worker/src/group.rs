@@ -380,8 +380,8 @@ impl Running {
             })
             .collect();
         let result = self.apply_once(&batches).await;
-        metrics::histogram!("wallet_group_transaction_seconds")
-            .record(started.elapsed().as_secs_f64());
+        let transaction_seconds = started.elapsed().as_secs_f64();
+        metrics::histogram!("wallet_group_transaction_seconds").record(transaction_seconds);
         let result = match result {
             Ok(result) => result,
             Err(error) => {
@@ -463,9 +463,19 @@ impl Running {
                 tracing::warn!(%error, "could not mark follow-ups published");
             }
         }
+        let group_seconds = started.elapsed().as_secs_f64();
         metrics::histogram!("wallet_group_partitions").record(partitions as f64);
         metrics::histogram!("wallet_group_commands").record(commands as f64);
-        metrics::histogram!("wallet_group_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("wallet_group_seconds").record(group_seconds);
+        // One line a group at debug level (`RUST_LOG=worker::group=debug`), so a slow stretch
+        // can be laid out group by group against a bench trace.
+        tracing::debug!(
+            partitions,
+            commands,
+            transaction_ms = transaction_seconds * 1_000.0,
+            group_ms = group_seconds * 1_000.0,
+            "group settled"
+        );
         Ok(())
     }
 
