@@ -13,7 +13,9 @@ use sqlx::PgPool;
 
 use crate::driver::{Load, measure};
 use crate::procs::{Children, bin_dir, free_port};
-use crate::report::{Machine, Report, json_path, machine, render_table, write_json};
+use crate::report::{
+    Machine, Report, Writeback, json_path, machine, render_table, warn_about_writeback, write_json,
+};
 use crate::scenario::{
     Mode, Prepared, ScenarioArgs, Target, http_client, new_run_id, prepare, run_queue_prefix,
 };
@@ -585,13 +587,19 @@ fn print_result(result: &CompareResult) {
         );
     }
     println!(
-        "machine: {} CPUs ({}), {:.1} GiB, kernel {}, CPU reference {:.1} ms",
+        "machine: {} CPUs ({}), {:.1} GiB, kernel {}, CPU reference {:.1} ms, {}",
         result.machine.cpus,
         result.machine.cpu_model,
         result.machine.memory_gib,
         result.machine.kernel,
-        result.machine.cpu_reference_ms
+        result.machine.cpu_reference_ms,
+        result
+            .machine
+            .writeback
+            .as_ref()
+            .map_or_else(|| "writeback unknown".to_string(), Writeback::describe)
     );
+    warn_about_writeback(&result.machine);
 }
 
 fn print_lag(lag: Option<&TreasuryLag>) {

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use bench::baseline::BaselineConfig;
 use bench::compare::CompareArgs;
 use bench::driver::{Load, measure};
-use bench::report::{json_path, machine, render_table, write_json};
+use bench::report::{json_path, machine, render_table, warn_about_writeback, write_json};
 use bench::scenario::{ScenarioArgs, Target, prepare};
 use bench::worker_only::WorkerOnlyArgs;
 
@@ -125,12 +125,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ),
         }
     }
+    let machine = machine();
+    warn_about_writeback(&machine);
     let path = json_path(args.json_out.as_deref(), scenario.scenario.name());
     write_json(
         &path,
         &serde_json::json!({
             "kind": "run",
-            "machine": machine(),
+            "machine": machine,
             "report": report,
             "treasury_lag": treasury_lag,
         }),

@@ -482,6 +482,89 @@ pub struct Machine {
     /// report is made: machines of the same name differ from day to day,
     /// and one machine drifts within a day, so this tells a slower machine from a slower build.
     pub cpu_reference_ms: f64,
+    /// When the kernel starts writing dirty page cache back on its own. None where /proc/sys/vm
+    /// cannot be read.
+    pub writeback: Option<Writeback>,
+}
+
+/// Above this much dirty page cache before background writeback starts, a run is warned that
+/// the disk's flushes will stall (BENCHMARKS.md, profile item 51).
+pub const WRITEBACK_THRESHOLD_WARN_MIB: f64 = 64.0;
+
+/// The kernel's background writeback settings. PostgreSQL 15 extends its tables with pages
+/// written to the page cache and not flushed, about 5 MB/s at 4,000 purchases/s; with the
+/// defaults of a machine with much memory they build up for 30 s and are then written back in
+/// one burst of around 100 MB, which holds up every `fdatasync` of PostgreSQL's and RabbitMQ's
+/// logs for 50-250 ms (BENCHMARKS.md, profile item 51; `scripts/tune-host.sh`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Writeback {
+    /// `vm.dirty_background_bytes`; 0 when the ratio applies instead.
+    pub dirty_background_bytes: u64,
+    /// `vm.dirty_background_ratio`, in percent of the memory that can hold dirty pages.
+    pub dirty_background_ratio: u64,
+    /// `vm.dirty_expire_centisecs`: how old a dirty page gets before it is written back anyway.
+    pub dirty_expire_centisecs: u64,
+    /// The threshold in MiB: the bytes, or the ratio of all memory (an upper bound, since the
+    /// kernel takes the ratio of the memory that is free or holds page cache).
+    pub threshold_mib: f64,
+}
+
+impl Writeback {
+    fn read(memory_kib: f64) -> Option<Self> {
+        let read = |name: &str| -> Option<u64> {
+            std::fs::read_to_string(format!("/proc/sys/vm/{name}"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let dirty_background_bytes = read("dirty_background_bytes")?;
+        let dirty_background_ratio = read("dirty_background_ratio")?;
+        let dirty_expire_centisecs = read("dirty_expire_centisecs")?;
+        Some(Self::new(
+            dirty_background_bytes,
+            dirty_background_ratio,
+            dirty_expire_centisecs,
+            memory_kib,
+        ))
+    }
+
+    fn new(
+        dirty_background_bytes: u64,
+        dirty_background_ratio: u64,
+        dirty_expire_centisecs: u64,
+        memory_kib: f64,
+    ) -> Self {
+        let threshold_mib = if dirty_background_bytes > 0 {
+            dirty_background_bytes as f64 / 1_048_576.0
+        } else {
+            memory_kib / 1_024.0 * dirty_background_ratio as f64 / 100.0
+        };
+        Self {
+            dirty_background_bytes,
+            dirty_background_ratio,
+            dirty_expire_centisecs,
+            threshold_mib: round2(threshold_mib),
+        }
+    }
+
+    /// A warning for a run on a machine whose writeback starts late, None otherwise.
+    pub fn warning(&self) -> Option<String> {
+        (self.threshold_mib > WRITEBACK_THRESHOLD_WARN_MIB).then(|| {
+            format!(
+                "warning: the kernel lets up to {:.0} MiB of dirty page cache build up before it \
+                 writes it back, so its bursts of writeback will stall the disk's flushes and set \
+                 the latency tail (BENCHMARKS.md, profile item 51); scripts/tune-host.sh lowers \
+                 the threshold to 4 MiB",
+                self.threshold_mib
+            )
+        })
+    }
+
+    /// One phrase for the machine line.
+    pub fn describe(&self) -> String {
+        format!("writeback from {:.0} MiB dirty", self.threshold_mib)
+    }
 }
 
 /// Rounds of the reference workload: 99 ms on the sixth session's Intel Xeon (2026-12-01).
@@ -524,6 +607,14 @@ pub fn machine() -> Machine {
         memory_gib: round2(memory_kib / 1_048_576.0),
         kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
         cpu_reference_ms: round2(cpu_reference_ms()),
+        writeback: Writeback::read(memory_kib),
+    }
+}
+
+/// Prints the machine's writeback warning, if it has one, on standard error.
+pub fn warn_about_writeback(machine: &Machine) {
+    if let Some(warning) = machine.writeback.as_ref().and_then(Writeback::warning) {
+        eprintln!("{warning}");
     }
 }
 
@@ -618,6 +709,19 @@ mod tests {
         let table = render_table(&[&report, &report]);
         assert!(table.contains("commands/s"));
         assert!(table.contains("transport_timeout:1"));
+    }
+
+    #[test]
+    fn writeback_is_warned_about_when_it_starts_late() {
+        // The kernel's defaults on a 23.5 GiB machine: 10 % of memory.
+        let defaults = Writeback::new(0, 10, 3_000, 24_641_536.0);
+        assert!((defaults.threshold_mib - 2_406.4).abs() < 0.01);
+        assert!(defaults.warning().is_some());
+        // What scripts/tune-host.sh sets: 4 MiB, whatever the ratio says.
+        let tuned = Writeback::new(4_194_304, 10, 3_000, 24_641_536.0);
+        assert!((tuned.threshold_mib - 4.0).abs() < f64::EPSILON);
+        assert_eq!(tuned.warning(), None);
+        assert_eq!(tuned.describe(), "writeback from 4 MiB dirty");
     }
 
     #[test]
