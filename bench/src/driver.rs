@@ -226,7 +226,7 @@ pub async fn measure(
         report.disk = disk_probe.await.ok().flatten();
     }
     if let (Some(trace), Some(dir)) = (trace, args.trace_dir.as_ref()) {
-        let path = trace_path(dir, &target.label, mode, &tag);
+        let path = trace_path(dir, &target.label, mode, trace.window_start_utc(), &tag);
         trace.write_csv(&path)?;
         tracing::info!(
             path = %path.display(),

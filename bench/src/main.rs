@@ -35,6 +35,27 @@ enum BenchCommand {
     Compare(Box<CompareArgs>),
     /// Publish ready-made commands with the gateway off, then time the workers applying them.
     WorkerOnly(WorkerOnlyArgs),
+    /// Read a `--trace-dir` file: its slow answers grouped into episodes, each with the slowest
+    /// probe flush around it.
+    TraceEpisodes(TraceEpisodesArgs),
+}
+
+#[derive(clap::Args)]
+struct TraceEpisodesArgs {
+    /// A CSV file written by `--trace-dir`.
+    file: PathBuf,
+
+    /// An answer slower than this is slow.
+    #[arg(long, default_value_t = 50.0)]
+    slow_ms: f64,
+
+    /// Slow answers sent at most this far apart belong to the same episode.
+    #[arg(long, default_value_t = 200.0)]
+    gap_ms: f64,
+
+    /// An episode with a probe flush at least this slow counts as the disk's.
+    #[arg(long, default_value_t = 30.0)]
+    flush_ms: f64,
 }
 
 #[derive(clap::Args)]
@@ -81,7 +102,50 @@ async fn main() -> anyhow::Result<()> {
         }
         BenchCommand::Compare(args) => bench::compare::run(*args).await.map(drop),
         BenchCommand::WorkerOnly(args) => bench::worker_only::run(args).await.map(drop),
+        BenchCommand::TraceEpisodes(args) => trace_episodes(&args),
     }
+}
+
+fn trace_episodes(args: &TraceEpisodesArgs) -> anyhow::Result<()> {
+    let events = bench::trace::read_csv(&args.file)?;
+    let found = bench::trace::episodes(&events, args.slow_ms, args.gap_ms);
+    let percent = |part: usize| 100.0 * part as f64 / found.requests.max(1) as f64;
+    println!(
+        "{}: {} requests, {} slower than {} ms ({:.2} %)",
+        args.file.display(),
+        found.requests,
+        found.slow_requests,
+        args.slow_ms,
+        percent(found.slow_requests)
+    );
+    println!(
+        " {:>10} {:>10} {:>8} {:>14} {:>15}",
+        "first (ms)", "last (ms)", "slow", "slowest (ms)", "probe flush (ms)"
+    );
+    for episode in &found.episodes {
+        println!(
+            " {:>10.0} {:>10.0} {:>8} {:>14.1} {:>15.1}",
+            episode.first_ms,
+            episode.last_ms,
+            episode.slow_requests,
+            episode.latency_max_ms,
+            episode.flush_max_ms
+        );
+    }
+    let by_disk: usize = found
+        .episodes
+        .iter()
+        .filter(|episode| episode.flush_max_ms >= args.flush_ms)
+        .map(|episode| episode.slow_requests)
+        .sum();
+    println!(
+        "{} of the {} slow answers ({:.2} % of all requests) fall in episodes with a probe flush of at least {} ms",
+        by_disk,
+        found.slow_requests,
+        percent(by_disk),
+        args.flush_ms
+    );
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

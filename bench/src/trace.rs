@@ -136,18 +136,191 @@ impl Trace {
     }
 }
 
-/// The file of one measurement's trace: `<dir>/<label>-<mode>-<tag>.csv`.
-pub fn trace_path(dir: &Path, label: &str, mode: &str, tag: &str) -> PathBuf {
+/// One row read back from a trace file.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub at_ms: f64,
+    pub took_ms: f64,
+    pub status: u16,
+}
+
+/// Reads a file written by [`Trace::write_csv`].
+pub fn read_csv(path: &Path) -> anyhow::Result<Vec<Event>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines().enumerate();
+    anyhow::ensure!(
+        lines.next().map(|(_, header)| header) == Some("kind,at_ms,took_ms,status"),
+        "{} is not a bench trace (its first line is not kind,at_ms,took_ms,status)",
+        path.display()
+    );
+    lines
+        .map(|(index, line)| {
+            parse_row(line).with_context(|| format!("{} line {}", path.display(), index + 1))
+        })
+        .collect()
+}
+
+fn parse_row(line: &str) -> anyhow::Result<Event> {
+    let mut fields = line.split(',');
+    let mut next = || fields.next().context("missing field");
+    let kind = match next()? {
+        "request" => EventKind::Request,
+        "flush" => EventKind::Flush,
+        other => anyhow::bail!("unknown kind {other:?}"),
+    };
+    Ok(Event {
+        kind,
+        at_ms: next()?.parse()?,
+        took_ms: next()?.parse()?,
+        status: next()?.parse()?,
+    })
+}
+
+/// A run of slow answers: requests slower than the threshold whose send times lie less than the
+/// gap apart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Episode {
+    /// Send time of its first and last slow request, from the window's start.
+    pub first_ms: f64,
+    pub last_ms: f64,
+    pub slow_requests: usize,
+    pub latency_max_ms: f64,
+    /// The slowest probe flush that started from `FLUSH_LEAD_MS` before the episode's first slow
+    /// request to its last one (0 when none did).
+    pub flush_max_ms: f64,
+}
+
+/// How long before an episode a probe flush may start and still count as its cause: a request
+/// sent shortly before a stall is held by it too.
+pub const FLUSH_LEAD_MS: f64 = 300.0;
+
+/// What a trace says about its slow answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Episodes {
+    pub requests: usize,
+    pub slow_requests: usize,
+    pub episodes: Vec<Episode>,
+}
+
+/// Groups the requests slower than `slow_ms` into episodes (`gap_ms` apart at most, by send
+/// time) and finds the slowest probe flush around each.
+pub fn episodes(events: &[Event], slow_ms: f64, gap_ms: f64) -> Episodes {
+    let mut slow: Vec<&Event> = events
+        .iter()
+        .filter(|event| event.kind == EventKind::Request && event.took_ms > slow_ms)
+        .collect();
+    slow.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
+    let mut found: Vec<Episode> = Vec::new();
+    for request in &slow {
+        match found.last_mut() {
+            Some(episode) if request.at_ms - episode.last_ms <= gap_ms => {
+                episode.last_ms = request.at_ms;
+                episode.slow_requests += 1;
+                episode.latency_max_ms = episode.latency_max_ms.max(request.took_ms);
+            }
+            _ => found.push(Episode {
+                first_ms: request.at_ms,
+                last_ms: request.at_ms,
+                slow_requests: 1,
+                latency_max_ms: request.took_ms,
+                flush_max_ms: 0.0,
+            }),
+        }
+    }
+    for episode in &mut found {
+        episode.flush_max_ms = events
+            .iter()
+            .filter(|event| {
+                event.kind == EventKind::Flush
+                    && event.at_ms >= episode.first_ms - FLUSH_LEAD_MS
+                    && event.at_ms <= episode.last_ms
+            })
+            .map(|event| event.took_ms)
+            .fold(0.0, f64::max);
+    }
+    Episodes {
+        requests: events
+            .iter()
+            .filter(|event| event.kind == EventKind::Request)
+            .count(),
+        slow_requests: slow.len(),
+        episodes: found,
+    }
+}
+
+/// The file of one measurement's trace: `<dir>/<label>-<mode>-<window start, UTC>-<tag>.csv`,
+/// so a directory of traces sorts by time and each names the run (its JSON's `started_at`).
+pub fn trace_path(
+    dir: &Path,
+    label: &str,
+    mode: &str,
+    window_start_utc: chrono::DateTime<chrono::Utc>,
+    tag: &str,
+) -> PathBuf {
     let label: String = label
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
-    dir.join(format!("{label}-{mode}-{tag}.csv"))
+    dir.join(format!(
+        "{label}-{mode}-{}-{tag}.csv",
+        window_start_utc.format("%Y%m%dT%H%M%SZ")
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request(at_ms: f64, took_ms: f64) -> Event {
+        Event {
+            kind: EventKind::Request,
+            at_ms,
+            took_ms,
+            status: 200,
+        }
+    }
+
+    #[test]
+    fn slow_requests_close_together_make_one_episode_with_the_flush_before_it() {
+        let flush = Event {
+            kind: EventKind::Flush,
+            at_ms: 900.0,
+            took_ms: 120.0,
+            status: 0,
+        };
+        let events = [
+            request(100.0, 10.0),
+            flush,
+            request(1_000.0, 80.0),
+            request(1_150.0, 60.0),
+            request(1_200.0, 20.0),
+            request(5_000.0, 55.0),
+        ];
+        let found = episodes(&events, 50.0, 200.0);
+        assert_eq!(found.requests, 5);
+        assert_eq!(found.slow_requests, 3);
+        assert_eq!(
+            found.episodes,
+            [
+                Episode {
+                    first_ms: 1_000.0,
+                    last_ms: 1_150.0,
+                    slow_requests: 2,
+                    latency_max_ms: 80.0,
+                    flush_max_ms: 120.0,
+                },
+                Episode {
+                    first_ms: 5_000.0,
+                    last_ms: 5_000.0,
+                    slow_requests: 1,
+                    latency_max_ms: 55.0,
+                    flush_max_ms: 0.0,
+                },
+            ]
+        );
+    }
 
     #[test]
     fn rows_before_the_window_are_not_kept_and_the_file_is_sorted_by_start() {
@@ -167,15 +340,36 @@ mod tests {
             0,
         );
         let dir = std::env::temp_dir().join(format!("bench-trace-{}", uuid::Uuid::new_v4()));
-        let path = trace_path(&dir, "system (spawned)", "open", "abc");
+        let started = chrono::DateTime::parse_from_rfc3339("2026-12-07T01:02:03.5Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let path = trace_path(&dir, "system (spawned)", "open", started, "abc");
         trace.write_csv(&path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
+        let read = read_csv(&path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(
             text,
             "kind,at_ms,took_ms,status\nflush,10.000,90.000,0\nrequest,20.000,2.500,503\n"
         );
-        assert!(path.ends_with("system--spawned--open-abc.csv"));
+        assert!(path.ends_with("system--spawned--open-20261207T010203Z-abc.csv"));
+        assert_eq!(
+            read,
+            [
+                Event {
+                    kind: EventKind::Flush,
+                    at_ms: 10.0,
+                    took_ms: 90.0,
+                    status: 0
+                },
+                Event {
+                    kind: EventKind::Request,
+                    at_ms: 20.0,
+                    took_ms: 2.5,
+                    status: 503
+                },
+            ]
+        );
         assert_eq!(trace.left_out(), 0);
     }
 }
