@@ -25,16 +25,8 @@ die() {
     exit 1
 }
 
-# Runs a command as root: directly when root, else through sudo when it exists.
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        die "need root for: $* (not root and no sudo)"
-    fi
-}
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Like as_root, but never prompts for a password; for optional steps whose failure is ignored.
 as_root_try() {

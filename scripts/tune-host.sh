@@ -55,17 +55,12 @@ describe() {
 }
 tuned() { [ "$current_bytes" -gt 0 ] && [ "$current_bytes" -le "$TARGET_BYTES" ]; }
 
-# Runs a command as root: directly when root, else through sudo when it exists.
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        echo "tune-host: need root for: $* (not root and no sudo)" >&2
-        exit 1
-    fi
+die() {
+    echo "tune-host: $*" >&2
+    exit 1
 }
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 if [ "$mode" = check ]; then
     if tuned; then
