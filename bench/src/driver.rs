@@ -227,13 +227,21 @@ pub async fn measure(
     }
     if let (Some(trace), Some(dir)) = (trace, args.trace_dir.as_ref()) {
         let path = trace_path(dir, &target.label, mode, trace.window_start_utc(), &tag);
-        trace.write_csv(&path)?;
-        tracing::info!(
-            path = %path.display(),
-            window_start = %trace.window_start_utc().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            left_out = trace.left_out(),
-            "trace written"
-        );
+        // The figures do not depend on the trace: a file that cannot be written costs the
+        // trace, not the run.
+        match trace.write_csv(&path) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                window_start = %trace.window_start_utc().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                left_out = trace.left_out(),
+                "trace written"
+            ),
+            Err(error) => tracing::warn!(
+                path = %path.display(),
+                error = format!("{error:#}"),
+                "trace not written; the run goes on without it"
+            ),
+        }
     }
     Ok(report)
 }
