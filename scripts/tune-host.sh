@@ -3,8 +3,8 @@
 # vm.dirty_background_bytes = 4 MiB, so the kernel writes dirty page cache back as it comes
 # instead of in bursts.
 #
-# Why: PostgreSQL 15 extends its tables by writing new pages to the page cache without flushing
-# them, about 5 MB/s at 4,000 purchases/s. With the kernel's defaults (background writeback from
+# Why: PostgreSQL leaves the pages of its growing tables dirty in the page cache, about 5 MB/s at
+# 4,000 purchases/s. With the kernel's defaults (background writeback from
 # 10 % of memory, pages older than 30 s written anyway) a machine with much memory lets them build
 # up for 30 s and then writes back around 100 MB at once, and every fdatasync of PostgreSQL's and
 # RabbitMQ's logs waits behind that burst for 50-250 ms. Every command in flight waits with them,

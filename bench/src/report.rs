@@ -491,11 +491,11 @@ pub struct Machine {
 /// the disk's flushes will stall (BENCHMARKS.md, profile item 51).
 pub const WRITEBACK_THRESHOLD_WARN_MIB: f64 = 64.0;
 
-/// The kernel's background writeback settings. PostgreSQL 15 extends its tables with pages
-/// written to the page cache and not flushed, about 5 MB/s at 4,000 purchases/s; with the
-/// defaults of a machine with much memory they build up for 30 s and are then written back in
-/// one burst of around 100 MB, which holds up every `fdatasync` of PostgreSQL's and RabbitMQ's
-/// logs for 50-250 ms (BENCHMARKS.md, profile item 51; `scripts/tune-host.sh`).
+/// The kernel's background writeback settings. PostgreSQL leaves the pages of its growing
+/// tables dirty in the page cache, about 5 MB/s at 4,000 purchases/s; with the defaults of a
+/// machine with much memory they build up for 30 s and are then written back in one burst of
+/// around 100 MB, which holds up every `fdatasync` of PostgreSQL's and RabbitMQ's logs for
+/// 50-250 ms (BENCHMARKS.md, profile item 51; `scripts/tune-host.sh`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Writeback {
     /// `vm.dirty_background_bytes`; 0 when the ratio applies instead.
