@@ -106,11 +106,12 @@ impl Trace {
 
     /// Writes the rows, sorted by start, as CSV: `kind,at_ms,took_ms,status`.
     pub fn write_csv(&self, path: &Path) -> anyhow::Result<()> {
+        // Sorted in place: a trace is written once, after its window, and may hold millions of
+        // rows that a copy would double.
         let mut rows = self
             .rows
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         rows.sort_by_key(|row| row.at_us);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
@@ -120,7 +121,7 @@ impl Trace {
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         let mut out = std::io::BufWriter::new(file);
         writeln!(out, "kind,at_ms,took_ms,status")?;
-        for row in &rows {
+        for row in rows.iter() {
             writeln!(
                 out,
                 "{},{:.3},{:.3},{}",
