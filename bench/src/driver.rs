@@ -127,7 +127,7 @@ pub async fn measure(
     let trace = args
         .trace_dir
         .as_ref()
-        .map(|_| Arc::new(Trace::new(window_start)));
+        .map(|_| Arc::new(Trace::new(window_start, started_at + warmup)));
     let sink = Arc::new(Sink {
         recorder: Arc::clone(&recorder),
         trace: trace.clone(),
